@@ -1,0 +1,262 @@
+"""The job config: typed, documented field by field, validated before any side effect.
+
+A YAML file maps one-to-one onto :class:`JobConfig`. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from paligemma_batch.tasks import TASKS, build_prompt, task_issues
+
+Precision = Literal["float32", "bfloat16", "float16", "int8", "int4"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageOptions(_Strict):
+    """Credentials and endpoint for object storage. Secrets never appear in logs, metadata or summaries."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000.")
+    key: SecretStr | None = Field(None, description="Access key id; default: the usual AWS credential chain.")
+    secret: SecretStr | None = Field(None, description="Secret access key; default: the usual AWS credential chain.")
+    anon: bool = Field(False, description="Anonymous access to public buckets.")
+    region: str | None = Field(None, description="Bucket region.")
+    retries: int = Field(10, ge=0, le=100, description="Retry attempts per storage request (botocore standard).")
+
+    def to_fsspec(self) -> dict[str, Any]:
+        """Keyword arguments for an fsspec filesystem (s3fs understands all of them)."""
+        opts: dict[str, Any] = {"anon": self.anon}
+        if self.endpoint_url:
+            opts["endpoint_url"] = self.endpoint_url
+        if self.key:
+            opts["key"] = self.key.get_secret_value()
+        if self.secret:
+            opts["secret"] = self.secret.get_secret_value()
+        if self.region:
+            opts["client_kwargs"] = {"region_name": self.region}
+        opts["config_kwargs"] = {"retries": {"max_attempts": self.retries, "mode": "standard"}}
+        return opts
+
+
+class InputConfig(_Strict):
+    """Where the images are and how they are stored."""
+
+    uri: str | list[str] = Field(
+        description="fsspec URI, glob or list of them: s3://b/shards/*.tar, gs://..., or a local path."
+    )
+    format: Literal["webdataset", "images", "parquet"] = Field(
+        "webdataset", description="webdataset tars, a folder of image files, or Parquet files with image bytes."
+    )
+    image_key: str | None = Field(
+        None,
+        description="webdataset: member extensions holding the image, ';'-separated (default jpg;jpeg;png;webp;"
+        "bmp;gif;tif;tiff). parquet: the image-bytes column (default 'image'; a struct with a 'bytes' field works).",
+    )
+    id_column: str | None = Field(
+        None, description="parquet: the column with a stable per-row key (default: the row number in its file)."
+    )
+    storage_options: StorageOptions = Field(default_factory=StorageOptions, description="Storage credentials.")
+
+
+class TaskConfig(_Strict):
+    """One prompt to run on every image. Each task yields one output row per image."""
+
+    task: str = Field(description=f"One of: {', '.join(TASKS)}.")
+    name: str | None = Field(None, description="Value of the output `task` column; default: the task name.")
+    lang: str = Field("en", description="Language code for caption, describe, answer and question.")
+    prompt: str | None = Field(None, description="The full prompt text, for task 'prompt'.")
+    question: str | None = Field(None, description="For 'answer': the question asked of every image.")
+    question_key: str | None = Field(
+        None,
+        description="For 'answer': per-image question. parquet: a column. webdataset: a sidecar member extension "
+        "('txt', 'question.txt'), or 'json.FIELD' for a field of the '.json' sidecar.",
+    )
+    answer: str | None = Field(None, description="For 'question': the answer to generate a question for.")
+    objects: list[str] = Field(default_factory=list, description="For 'detect' and 'segment': object names.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        problems = task_issues(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def output_name(self) -> str:
+        return self.name or self.task
+
+    def prompt_for(self, question: str | None = None) -> str:
+        """The prompt text for one image (``question`` comes from the image's own data when configured)."""
+        return build_prompt(self, question)
+
+
+class ModelConfig(_Strict):
+    """Which checkpoint to load and how."""
+
+    source: str = Field(
+        description="HF hub id (google/paligemma2-3b-mix-224), a local folder, or an fsspec URI of a folder "
+        "(s3://bucket/models/paligemma-3b-mix-224/), downloaded once per node."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
+    precision: Precision = Field(
+        "bfloat16", description="float32, bfloat16, float16, int8 or int4 (bitsandbytes nf4)."
+    )
+    max_new_tokens: int = Field(64, ge=1, le=2048, description="Generation length limit per prompt.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    mask_decoder: str | None = Field(
+        None,
+        description="Path or fsspec URI of the VQ-VAE mask decoder (vae-oid.npz). Without it, segment rows keep "
+        "boxes and codes but no masks.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Node-local cache for fsspec sources (default ~/.cache/paligemma_batch/models)."
+    )
+    storage_options: StorageOptions | None = Field(
+        None, description="Credentials for an fsspec source; default: input.storage_options."
+    )
+
+
+class InferenceConfig(_Strict):
+    """The PaliGemma actor pool: one model per actor."""
+
+    batch_size: int = Field(16, ge=1, description="Images per actor call; every task of an image runs in it.")
+    min_actors: int = Field(1, ge=1, description="Smallest actor pool size.")
+    max_actors: int = Field(1, ge=1, description="Largest actor pool size (autoscales between min and max).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor; 0 runs on CPU. >1 spreads a model over GPUs.")
+    num_cpus: float = Field(1, gt=0, description="CPUs reserved per actor; leave CPU for reading and writing.")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per actor (default: num_cpus, >=1).")
+
+    @model_validator(mode="after")
+    def _pool(self) -> InferenceConfig:
+        if self.max_actors < self.min_actors:
+            raise ValueError("max_actors must be >= min_actors")
+        return self
+
+
+class PreprocessConfig(_Strict):
+    """The CPU stage: read, decode, resize, tokenize."""
+
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per read/preprocess task.")
+    batch_size: int = Field(32, ge=1, description="Images per preprocess batch.")
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, description="Images with more pixels are error rows (decompression-bomb guard)."
+    )
+    jpeg_draft: bool = Field(True, description="Let JPEG decode at reduced scale when the image is far larger.")
+
+
+class OutputConfig(_Strict):
+    """Where the Parquet goes."""
+
+    uri: str = Field(description="Output root: local folder or fsspec URI. Each run writes under runs/RUN_ID/.")
+    rows_per_file: int = Field(10_000, ge=1, description="Most rows in one Parquet file.")
+    mode: Literal["new", "incremental"] = Field(
+        "new",
+        description="new: the output must hold no finished run. incremental: process only shards that no "
+        "finished run covered, as a new run.",
+    )
+    storage_options: StorageOptions | None = Field(
+        None, description="Credentials for the output; default: input.storage_options."
+    )
+
+
+class RayConfig(_Strict):
+    """Where the job runs."""
+
+    address: str | None = Field(None, description="Ray cluster address ('auto', ray://...); none starts a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all); ignored with address.")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of the local Ray (default: detected).")
+    progress_bars: bool = Field(True, description="Show Ray Data progress bars.")
+
+
+class JobConfig(_Strict):
+    """One annotation job."""
+
+    input: InputConfig
+    tasks: list[TaskConfig] = Field(min_length=1, description="Prompts run on every image.")
+    model: ModelConfig
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    output: OutputConfig
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        seen: set[str] = set()
+        for task in tasks:
+            if task.output_name in seen:
+                raise ValueError(f"duplicate task name '{task.output_name}'; set name: to tell them apart")
+            seen.add(task.output_name)
+        return tasks
+
+    @property
+    def output_storage(self) -> StorageOptions:
+        return self.output.storage_options or self.input.storage_options
+
+    @property
+    def model_storage(self) -> StorageOptions:
+        return self.model.storage_options or self.input.storage_options
+
+    def fingerprint(self) -> str:
+        """A hash of everything that changes the output rows (no secrets, no pool sizes)."""
+        payload = self.model_dump(
+            mode="json",
+            include={"input": {"uri", "format", "image_key", "id_column"}, "tasks": True, "model": True,
+                     "preprocess": {"max_image_pixels", "jpeg_draft"}},
+        )
+        payload["model"].pop("storage_options", None)
+        payload["model"].pop("cache_dir", None)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(Exception):
+    """A config problem; ``problems`` holds one line per problem, each naming its key."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return lines
+
+
+def parse_config(data: dict[str, Any]) -> JobConfig:
+    """Validate a config mapping; raise :class:`ConfigError` with one line per problem."""
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Load a YAML config file, apply dotted-key ``overrides`` (``{"output.uri": ...}``) and validate it."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError([f"{path}: {err}".splitlines()[0]]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping"])
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_config(data)

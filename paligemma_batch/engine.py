@@ -1,0 +1,104 @@
+"""Batched PaliGemma generation: one batch of (pixels, prompt tokens) → generated text and token counts.
+
+Greedy decoding with left padding, the vision tower run once per image however many prompts share it, and
+only the new tokens decoded (``<loc>``/``<seg>`` tokens are kept in the text). Knows nothing of Ray or I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from paligemma_batch.images import normalize
+
+
+@dataclass(frozen=True)
+class Request:
+    image_index: int  # which image of the batch the prompt is about
+    input_ids: list[int]  # the full prompt: <image>×N, <bos>, prompt tokens, "\n"
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    num_input_tokens: int
+    num_output_tokens: int
+    token_ids: list[int]
+
+
+def prompt_ids(processor, prompt: str) -> list[int]:
+    """The token ids ``PaliGemmaProcessor`` builds for one image and one prompt."""
+    tokenizer = processor.tokenizer
+    text_ids = tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+    return [processor.image_token_id] * processor.image_seq_length + [tokenizer.bos_token_id] + text_ids
+
+
+def model_input_size(processor) -> tuple[int, int]:
+    size = processor.image_processor.size
+    return int(size["height"]), int(size["width"])
+
+
+class Engine:
+    """Wraps a loaded model and its processor for batched greedy generation."""
+
+    def __init__(self, model, processor, max_new_tokens: int, min_new_tokens: int | None = None):
+        self.model = model
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.eos_id = processor.tokenizer.eos_token_id
+        ip = processor.image_processor
+        self._mean, self._std, self._rescale = ip.image_mean, ip.image_std, ip.rescale_factor
+        embeddings = model.get_input_embeddings()
+        self.device = embeddings.weight.device
+        self.pixel_dtype = model.model.vision_tower.embeddings.patch_embedding.weight.dtype
+
+    def pixel_values(self, pixels: list[np.ndarray]) -> torch.Tensor:
+        """uint8 [H, W, 3] images → normalized ``pixel_values`` in the vision tower's dtype and device."""
+        x = normalize(np.stack(pixels), self._mean, self._std, self._rescale)
+        return torch.from_numpy(x).to(self.device, self.pixel_dtype)
+
+    @torch.inference_mode()
+    def image_features(self, pixels: list[np.ndarray]):
+        """One vision-tower + projector pass for each image."""
+        return self.model.model.get_image_features(self.pixel_values(pixels))
+
+    @torch.inference_mode()
+    def generate(self, pixels: list[np.ndarray], requests: list[Request]) -> list[Generated]:
+        """Greedy generation for every request; the vision tower runs once per image, not once per request."""
+        if not requests:
+            return []
+        features = self.image_features(pixels)
+        index = torch.tensor([r.image_index for r in requests], device=features.pooler_output.device)
+        features.pooler_output = features.pooler_output.index_select(0, index)
+        features.last_hidden_state = None
+
+        width = max(len(r.input_ids) for r in requests)
+        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, r in enumerate(requests):
+            input_ids[row, width - len(r.input_ids) :] = torch.tensor(r.input_ids)
+            attention[row, width - len(r.input_ids) :] = 1
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            token_type_ids=torch.zeros_like(input_ids).to(self.device),
+            mm_encoder_outputs={"image": features},
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+        )
+        new_tokens = out[:, width:].tolist()
+        results = []
+        for r, tokens in zip(requests, new_tokens):
+            if self.eos_id in tokens:
+                tokens = tokens[: tokens.index(self.eos_id) + 1]
+            text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append(Generated(text, len(r.input_ids), len(tokens), tokens))
+        return results

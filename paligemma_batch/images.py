@@ -1,0 +1,90 @@
+"""Image bytes → RGB pixels at the model's resolution.
+
+Applies the EXIF orientation, flattens transparency onto white, maps 16-bit and float images to 8 bits,
+guards against decompression bombs, and lets JPEG decode at a reduced scale (draft mode) when the image is
+far larger than the model input. Knows nothing of Ray or models.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Draft decoding keeps at least this multiple of the target size, so the final resize still antialiases.
+DRAFT_HEADROOM = 2
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot become model input; ``kind`` is a short machine-readable reason."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # uint8 [height, width, 3] at the model resolution
+    width: int  # original width, after the EXIF orientation
+    height: int  # original height, after the EXIF orientation
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if img.mode.startswith("I") and arr.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(
+    data: bytes | None,
+    size: tuple[int, int],
+    resample: int = Image.Resampling.BICUBIC,
+    max_pixels: int = 89_478_485,
+    draft: bool = True,
+) -> DecodedImage:
+    """Decode ``data`` and resize it to ``size`` = (height, width); raise :class:`ImageDecodeError` on bad input."""
+    if not data:
+        raise ImageDecodeError("empty", "zero-byte image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > max_pixels:
+                raise ImageDecodeError("too_large", f"{img.width}x{img.height} exceeds {max_pixels} pixels")
+            orientation = img.getexif().get(0x0112, 1)
+            swapped = orientation in (5, 6, 7, 8)
+            width, height = (img.height, img.width) if swapped else (img.width, img.height)
+            target_h, target_w = size
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (target_w * DRAFT_HEADROOM, target_h * DRAFT_HEADROOM))
+            img.seek(0)  # first frame of animations
+            img.load()
+            img = ImageOps.exif_transpose(img) if orientation != 1 else img
+            img = _to_rgb(img)
+            img = img.resize((target_w, target_h), resample=resample)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError("too_large", str(err)) from None
+    except Exception as err:  # PIL raises many types for corrupt data; all mean "cannot decode"
+        raise ImageDecodeError("decode", f"{type(err).__name__}: {err}") from None
+    return DecodedImage(np.asarray(img, dtype=np.uint8), width, height)
+
+
+def normalize(pixels: np.ndarray, mean: list[float], std: list[float], rescale: float = 1 / 255) -> np.ndarray:
+    """uint8 [N, H, W, 3] → float32 [N, 3, H, W], the processor's rescale and normalization."""
+    x = pixels.astype(np.float32) * np.float32(rescale)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -1,0 +1,261 @@
+"""Building and running the job: ``validate(config)``, ``build(config, plan)`` and ``run(config)``.
+
+``run`` validates everything before its first side effect, decides whether this is a new, resumed or
+incremental run, streams the Dataset into the run's Parquet files, then writes the summary and the index.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from paligemma_batch.config import ConfigError, JobConfig
+from paligemma_batch.model import ModelSourceError, classify_source
+from paligemma_batch.sink import OutputStore, RunRecord, RunSink, new_run_id, now_iso, summarize_rows
+from paligemma_batch.sources import _is_local, list_shards
+
+# GPUs without bfloat16 support, as Ray names them in accelerator_type resources.
+NO_BF16_GPUS = {"V100", "T4", "P100", "P4", "K80", "M60", "P40"}
+
+
+@dataclass
+class RunPlan:
+    """What one invocation will do."""
+
+    run_id: str
+    shards: list[str]  # shards this invocation reads
+    resumed: bool = False
+    done_keys: set[str] = field(default_factory=set)  # "image_id\ttask" already committed by this run
+    record: RunRecord | None = None
+
+
+def _check_output(config: JobConfig) -> list[str]:
+    store = OutputStore(config.output.uri, config.output_storage)
+    fs, root = store.fs, store.root
+    if _is_local(fs):
+        path = Path(root)
+        ancestor = path
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if path.exists() and not path.is_dir():
+            return [f"output.uri: {config.output.uri} is a file, not a folder"]
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            return [f"output.uri: {config.output.uri} is not writable ({ancestor} is not a writable folder)"]
+    else:
+        probe = posixpath.join(root, f"_WRITE_PROBE-{uuid.uuid4().hex}")
+        try:
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+        except Exception as err:
+            return [f"output.uri: {config.output.uri} is not writable ({type(err).__name__}: {err})"]
+    fingerprint = config.fingerprint()
+    for record in store.read_index():
+        if record.status == "finished" and config.output.mode == "new":
+            return [f"output.uri: holds a finished run ({record.run_id}); use a new output.uri or "
+                    "output.mode: incremental"]
+        if record.status == "running" and record.config_hash != fingerprint:
+            return [f"output.uri: holds an unfinished run ({record.run_id}) with a different config; rerun its "
+                    "config to resume it, or use a new output.uri"]
+    return []
+
+
+def _check_model(config: JobConfig) -> list[str]:
+    try:
+        source = classify_source(config.model.source)
+    except ModelSourceError as err:
+        return [f"model.source: {err}"]
+    if source.kind == "local" and not (Path(source.location) / "config.json").exists():
+        return [f"model.source: {source.location} holds no config.json"]
+    if source.kind != "hub" and config.model.revision:
+        return ["model.revision: applies to hub ids only"]
+    if config.model.precision in ("int8", "int4"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return [f"model.precision: {config.model.precision} needs bitsandbytes (pip install bitsandbytes)"]
+    return []
+
+
+def cluster_resources(config: JobConfig) -> dict[str, float]:
+    """The resources the job will run on: the connected cluster's, or what a local Ray would get."""
+    import ray
+
+    if ray.is_initialized() or config.ray.address:
+        _init_ray(config)
+        return dict(ray.cluster_resources())
+    cpus = config.ray.num_cpus or os.cpu_count() or 1
+    if config.ray.num_gpus is not None:
+        gpus = config.ray.num_gpus
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return {"CPU": float(cpus), "GPU": float(gpus)}
+
+
+def _check_resources(config: JobConfig, resources: dict[str, float]) -> list[str]:
+    inf, pre = config.inference, config.preprocess
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    problems = []
+    if inf.num_gpus and inf.min_actors * inf.num_gpus > gpus:
+        problems.append(f"inference.num_gpus: {inf.min_actors} actor(s) x {inf.num_gpus} GPU need more than the "
+                        f"cluster's {gpus:g} GPU")
+    if inf.min_actors * inf.num_cpus + pre.num_cpus > cpus:
+        problems.append(f"inference.num_cpus: {inf.min_actors} actor(s) x {inf.num_cpus} CPU leave no room for a "
+                        f"{pre.num_cpus}-CPU read task on the cluster's {cpus:g} CPU (Ray would hang); lower it")
+    accelerators = {k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")}
+    old = sorted(accelerators & NO_BF16_GPUS)
+    if inf.num_gpus and old and config.model.precision in ("bfloat16", "int4", "int8"):
+        problems.append(f"model.precision: {config.model.precision} computes in bfloat16, which the cluster's "
+                        f"{', '.join(old)} GPUs lack; use float16 or float32")
+    return problems
+
+
+def validate(config: JobConfig, check_resources: bool = True) -> tuple[list[str], list[str]]:
+    """Every problem with ``config`` as one line naming its key, and the shards found. Writes nothing."""
+    problems: list[str] = []
+    try:
+        shards = list_shards(config.input)
+    except Exception as err:
+        shards = []
+        problems.append(f"input.uri: cannot list {config.input.uri}: {type(err).__name__}: {err}")
+    else:
+        if not shards:
+            problems.append(f"input.uri: no {config.input.format} shards at {config.input.uri}")
+    if config.input.format == "images" and any(t.question_key for t in config.tasks):
+        problems.append("tasks: question_key needs webdataset or parquet input")
+    problems += _check_output(config)
+    problems += _check_model(config)
+    if check_resources:
+        problems += _check_resources(config, cluster_resources(config))
+    return problems, shards
+
+
+def plan_run(config: JobConfig, store: OutputStore, shards: list[str]) -> RunPlan:
+    """Resume this config's unfinished run if there is one; otherwise start a new (or incremental) run."""
+    fingerprint = config.fingerprint()
+    index = store.read_index()
+    unfinished = [r for r in index if r.status == "running" and r.config_hash == fingerprint]
+    if unfinished:
+        record = unfinished[-1]
+        return RunPlan(record.run_id, record.shards, True, store.done_keys(record.run_id), record)
+    if config.output.mode == "incremental":
+        covered = {s for r in index if r.status == "finished" for s in r.shards}
+        shards = [s for s in shards if s not in covered]
+    run_id = new_run_id()
+    return RunPlan(run_id, shards, record=RunRecord(run_id, "running", fingerprint, now_iso(), shards))
+
+
+def _init_ray(config: JobConfig) -> bool:
+    """Connect to the configured cluster or start a local Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if config.ray.address:
+        ray.init(address=config.ray.address, **kwargs)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, **kwargs)
+    return True
+
+
+def build(config: JobConfig, plan: RunPlan, processor):
+    """The Ray Dataset: shards → read → preprocess (CPU tasks) → PaliGemma (actor pool) → annotated rows."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from paligemma_batch.stages import InferenceStage, PreprocessPlan, preprocess, read_shards, wanted_fields
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = config.ray.progress_bars
+    ctx.execution_options.preserve_order = False
+    pre, inf = config.preprocess, config.inference
+    shards_per_read = 32 if config.input.format == "images" else 1
+    ds = ray.data.from_items(
+        [{"shard_uri": s} for s in plan.shards],
+        override_num_blocks=max(1, min(len(plan.shards) // shards_per_read or 1, 10_000)),
+    )
+    ds = ds.map_batches(
+        read_shards,
+        batch_size=shards_per_read,
+        batch_format="pyarrow",
+        num_cpus=pre.num_cpus,
+        fn_kwargs={"input_cfg": config.input, "fields": wanted_fields(config.tasks)},
+    )
+    ds = ds.map_batches(
+        preprocess,
+        batch_size=pre.batch_size,
+        batch_format="pyarrow",
+        num_cpus=pre.num_cpus,
+        fn_kwargs={"plan": PreprocessPlan.create(config, processor, plan.done_keys)},
+    )
+    return ds.map_batches(
+        InferenceStage,
+        batch_size=inf.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=inf.min_actors, max_size=inf.max_actors),
+        num_gpus=inf.num_gpus,
+        num_cpus=inf.num_cpus,
+        fn_constructor_kwargs={"config": config, "run_id": plan.run_id},
+    )
+
+
+def run(config: JobConfig) -> dict[str, Any]:
+    """Run the whole job and return its summary (also written as ``_SUMMARY.json``)."""
+    import ray
+
+    from paligemma_batch.model import load_processor
+    from paligemma_batch.schema import with_metadata
+
+    problems, shards = validate(config)
+    if problems:
+        raise ConfigError(problems)
+    started_ray = _init_ray(config)
+    try:
+        store = OutputStore(config.output.uri, config.output_storage)
+        plan = plan_run(config, store, shards)
+        summary_base = {"run_id": plan.run_id, "output": store.run_uri(plan.run_id), "resumed": plan.resumed}
+        if not plan.shards:
+            return {**summary_base, "status": "nothing_to_do", "inputs_seen": 0, "rows_written": 0}
+        store.upsert_run(plan.record)
+        processor = load_processor(config.model, config.model_storage)
+        schema = with_metadata({"run_id": plan.run_id, "config_hash": config.fingerprint(),
+                                "model_id": config.model.source, "precision": config.model.precision})
+        sink = RunSink(store, plan.run_id, config.output.rows_per_file, schema)
+        t0 = time.perf_counter()
+        build(config, plan, processor).write_datasink(sink)
+        wall = time.perf_counter() - t0
+        table = store.read_run(plan.run_id, ["image_id", "task", "status", "error", "num_output_tokens",
+                                             "invalid_objects"])
+        summary = {
+            **summary_base,
+            "status": "finished",
+            "config_hash": config.fingerprint(),
+            "model": {"source": config.model.source, "revision": config.model.revision,
+                      "precision": config.model.precision},
+            "masks_decoded": bool(config.model.mask_decoder),
+            "shards": len(plan.shards),
+            **summarize_rows(table),
+            "rows_this_invocation": sink.stats.rows,
+            "wall_time_s": round(wall, 3),
+            "images_per_second": round(sink.stats.rows / max(len(config.tasks), 1) / wall, 3) if wall else 0.0,
+            "output_tokens_per_second": None,
+            "files": len(store.data_files(plan.run_id)),
+            "started_at": plan.record.started_at,
+            "finished_at": now_iso(),
+        }
+        summary["output_tokens_per_second"] = round(summary["output_tokens"] / wall, 1) if wall else 0.0
+        store.write_json(posixpath.join(store.run_path(plan.run_id), "_SUMMARY.json"), summary)
+        store.write_json(store.path("_SUMMARY.json"), summary)
+        plan.record.status, plan.record.finished_at, plan.record.rows = "finished", summary["finished_at"], table.num_rows
+        store.upsert_run(plan.record)
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,219 @@
+"""The Ray Data adapters: thin wrappers turning the plain modules into pipeline stages.
+
+Every stage takes and returns pyarrow tables, so the explicit schemas survive the trip through Ray.
+The same callables run outside Ray (tests call them directly on tables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from paligemma_batch.config import InputConfig, JobConfig, TaskConfig
+from paligemma_batch.images import ImageDecodeError, decode_image
+from paligemma_batch.schema import ANNOTATIONS
+from paligemma_batch.sources import iter_rows, row_to_dict
+
+SOURCE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("data", pa.binary()),
+        ("fields", pa.string()),  # JSON: per-image values such as questions
+        ("error", pa.string()),
+    ]
+)
+
+PREPARED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("pixels", pa.binary()),  # uint8 [H, W, 3] at the model resolution
+        ("tasks", pa.list_(pa.string())),  # the task names still to run on this image
+        ("prompts", pa.list_(pa.string())),
+        ("input_ids", pa.list_(pa.list_(pa.int32()))),
+        ("error", pa.string()),
+    ]
+)
+
+READ_ROWS_PER_BLOCK = 64
+
+
+def wanted_fields(tasks: list[TaskConfig]) -> list[str]:
+    """The sidecar members / columns the reader must fetch for per-image prompts."""
+    return sorted({t.question_key for t in tasks if t.question_key})
+
+
+def read_shards(batch: pa.Table, input_cfg: InputConfig, fields: list[str]) -> Iterator[pa.Table]:
+    """Ray stage: shard URIs → source rows, streamed in blocks of at most ``READ_ROWS_PER_BLOCK`` rows."""
+    rows: list[dict] = []
+    for uri in batch["shard_uri"].to_pylist():
+        for row in iter_rows(uri, input_cfg, fields):
+            rows.append(row_to_dict(row))
+            if len(rows) >= READ_ROWS_PER_BLOCK:
+                yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+
+
+@dataclass(frozen=True)
+class PreprocessPlan:
+    """Everything the CPU stage needs; pickled once and shipped to the workers."""
+
+    tasks: list[TaskConfig]
+    processor_blob: bytes  # the pickled processor (tokenizer + image processor)
+    max_image_pixels: int
+    jpeg_draft: bool
+    done_keys: frozenset[str] = field(default_factory=frozenset)  # "image_id\ttask" already committed
+
+    @classmethod
+    def create(cls, config: JobConfig, processor, done_keys: set[str] | None = None) -> PreprocessPlan:
+        return cls(
+            tasks=list(config.tasks),
+            processor_blob=pickle.dumps(processor),
+            max_image_pixels=config.preprocess.max_image_pixels,
+            jpeg_draft=config.preprocess.jpeg_draft,
+            done_keys=frozenset(done_keys or ()),
+        )
+
+
+_PROCESSORS: dict[str, object] = {}
+
+
+def _processor(blob: bytes):
+    """Unpickle a processor once per worker process."""
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest not in _PROCESSORS:
+        _PROCESSORS[digest] = pickle.loads(blob)
+    return _PROCESSORS[digest]
+
+
+def preprocess(batch: pa.Table, plan: PreprocessPlan) -> pa.Table:
+    """Ray stage: decode, orient, resize and tokenize; a bad image becomes a row with ``error`` set."""
+    from paligemma_batch.engine import model_input_size, prompt_ids
+
+    processor = _processor(plan.processor_blob)
+    size = model_input_size(processor)
+    resample = processor.image_processor.resample
+    out = []
+    for row in batch.to_pylist():
+        todo = [t for t in plan.tasks if f"{row['image_id']}\t{t.output_name}" not in plan.done_keys]
+        if not todo:
+            continue
+        prepared = {
+            "image_id": row["image_id"],
+            "source_uri": row["source_uri"],
+            "width": None,
+            "height": None,
+            "pixels": None,
+            "tasks": [t.output_name for t in todo],
+            "prompts": [],
+            "input_ids": [],
+            "error": row["error"],
+        }
+        fields = json.loads(row["fields"] or "{}")
+        if prepared["error"] is None:
+            try:
+                image = decode_image(row["data"], size, resample, plan.max_image_pixels, plan.jpeg_draft)
+                prepared.update(pixels=image.pixels.tobytes(), width=image.width, height=image.height)
+            except ImageDecodeError as err:
+                prepared["error"] = str(err)
+        for task in todo:
+            question = fields.get(task.question_key) if task.question_key else None
+            if task.question_key and question is None and prepared["error"] is None:
+                prepared["error"] = f"input: no '{task.question_key}' for task {task.output_name}"
+            prompt = task.prompt_for(question)
+            prepared["prompts"].append(prompt)
+            prepared["input_ids"].append(prompt_ids(processor, prompt) if prepared["error"] is None else [])
+        out.append(prepared)
+    return pa.Table.from_pylist(out, schema=PREPARED_SCHEMA)
+
+
+class InferenceStage:
+    """Ray actor stage: one model per actor, loaded when Ray constructs the actor; a batch of images in,
+    one annotated row per (image, task) out."""
+
+    def __init__(self, config: JobConfig, run_id: str):
+        import torch
+
+        from paligemma_batch.engine import Engine
+        from paligemma_batch.masks import MaskDecoder
+        from paligemma_batch.model import load_model, load_processor
+
+        inf = config.inference
+        if inf.num_gpus == 0:
+            torch.set_num_threads(inf.num_threads or max(1, int(inf.num_cpus)))
+        self.config = config
+        self.run_id = run_id
+        processor = load_processor(config.model, config.model_storage)
+        model = load_model(config.model, config.model_storage, inf.num_gpus)
+        self.engine = Engine(model, processor, config.model.max_new_tokens)
+        self.decoder = None
+        if config.model.mask_decoder:
+            self.decoder = MaskDecoder.from_npz(config.model.mask_decoder, config.model_storage.to_fsspec())
+            self.decoder = self.decoder.to(self.engine.device).eval()
+        self.task_types = {t.output_name: t.task for t in config.tasks}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from paligemma_batch.annotate import Item, annotate
+        from paligemma_batch.engine import Request
+
+        rows = batch.to_pylist()
+        ok = [r for r in rows if r["error"] is None]
+        pixels = [np.frombuffer(r["pixels"], np.uint8).reshape(*self._size(), 3) for r in ok]
+        requests = [Request(i, ids) for i, r in enumerate(ok) for ids in r["input_ids"]]
+        generated = iter(self.engine.generate(pixels, requests))
+        out, items = [], []
+        for row in rows:
+            for task, prompt in zip(row["tasks"], row["prompts"]):
+                record = self._base(row, task, prompt)
+                if row["error"] is None:
+                    gen = next(generated)
+                    record.update(text=gen.text, num_input_tokens=gen.num_input_tokens,
+                                  num_output_tokens=gen.num_output_tokens)
+                    items.append((record, gen.text))
+                out.append(record)
+        fields = annotate(
+            [Item(self.task_types[r["task"]], text, r["width"], r["height"]) for r, text in items], self.decoder
+        )
+        for (record, _), extra in zip(items, fields):
+            record.update(extra)
+        return pa.Table.from_pylist(out, schema=ANNOTATIONS)
+
+    def _size(self) -> tuple[int, int]:
+        from paligemma_batch.engine import model_input_size
+
+        return model_input_size(self.engine.processor)
+
+    def _base(self, row: dict, task: str, prompt: str) -> dict:
+        model = self.config.model
+        return {
+            "image_id": row["image_id"],
+            "source_uri": row["source_uri"],
+            "width": row["width"],
+            "height": row["height"],
+            "task": task,
+            "prompt": prompt,
+            "text": None,
+            "answer": None,
+            "detections": None,
+            "masks": None,
+            "invalid_objects": 0,
+            "status": "ok" if row["error"] is None else "error",
+            "error": row["error"],
+            "model_id": model.source,
+            "model_revision": model.revision,
+            "precision": model.precision,
+            "num_input_tokens": 0,
+            "num_output_tokens": 0,
+            "run_id": self.run_id,
+        }
