@@ -180,13 +180,13 @@ class RayConfig(_Strict):
 class JobConfig(_Strict):
     """One annotation job."""
 
-    input: InputConfig
+    input: InputConfig = Field(description="The images to annotate.")
     tasks: list[TaskConfig] = Field(min_length=1, description="Prompts run on every image.")
-    model: ModelConfig
-    inference: InferenceConfig = Field(default_factory=InferenceConfig)
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    output: OutputConfig
-    ray: RayConfig = Field(default_factory=RayConfig)
+    model: ModelConfig = Field(description="The checkpoint and its precision.")
+    inference: InferenceConfig = Field(default_factory=InferenceConfig, description="The GPU actor pool.")
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="The CPU stage.")
+    output: OutputConfig = Field(description="Where the Parquet goes.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Local Ray or a cluster address.")
 
     @field_validator("tasks")
     @classmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-# The 35 XM3600 languages PaliGemma's multilingual captioning was trained and evaluated on.
+# The 36 XM3600 languages PaliGemma's multilingual captioning was trained and evaluated on.
 LANGUAGES = (
     "ar bn cs da de el en es fa fi fil fr he hi hr hu id it ja ko mi nl no pl pt quz ro ru sv sw te th tr uk vi zh"
 ).split()
