@@ -1,0 +1,143 @@
+"""Handing the labels on: COCO detection + segmentation JSON, and supervision ``Detections``.
+
+An output row of a detect task holds boxes; a row of a segment task holds the same boxes plus, for each
+object that came with mask codes, a mask. Both exports read a row as one list of :class:`RowObject`: a mask
+where one was decoded, else the box alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class RowObject:
+    """One detected object of an output row, in original-image pixels."""
+
+    label: str
+    box_xyxy: tuple[float, float, float, float]
+    rle: dict | None  # COCO RLE over the whole image, when a mask was decoded
+    mask_area: int | None
+
+
+def row_objects(row: Mapping[str, Any]) -> list[RowObject]:
+    """The objects of one row: each mask with its box, then each detection that has no mask."""
+    masks = [m for m in row.get("masks") or [] if m.get("rle") is not None]
+    with_mask = Counter((m["label"], tuple(m["box_xyxy"])) for m in masks)
+    objects = [RowObject(m["label"], tuple(m["box_xyxy"]), m["rle"], m["area"]) for m in masks]
+    for det in row.get("detections") or []:
+        key = (det["label"], tuple(det["box_xyxy"]))
+        if with_mask[key]:
+            with_mask[key] -= 1
+            continue
+        objects.append(RowObject(det["label"], key[1], None, None))
+    return objects
+
+
+def object_tasks(table: pa.Table) -> list[str]:
+    """The tasks to export by default: those that produced masks, else those that produced boxes.
+
+    Taking only one kind avoids counting an object twice when both detect and segment tasks ran on an image.
+    """
+    tasks = table["task"].to_pylist()
+    for column in ("masks", "detections"):
+        found = sorted({t for t, v in zip(tasks, table[column].is_valid().to_pylist()) if v})
+        if found:
+            return found
+    return []
+
+
+def _box_polygon(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def to_coco(
+    table: pa.Table,
+    tasks: Sequence[str] | None = None,
+    categories: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """COCO JSON (images, categories, annotations) from output rows.
+
+    - images: every image with an ``ok`` row of the exported ``tasks`` (default :func:`object_tasks`), ids
+      1..N in ``image_id`` order, ``file_name`` = the ``image_id``, original ``width``/``height``;
+    - categories: ``categories`` in the order given (ids 1..K; objects with other labels are left out and
+      counted in ``info.objects_left_out``), or every label found, sorted;
+    - annotations: ``bbox`` xywh, ``segmentation`` as RLE where a mask was decoded (else the box polygon),
+      ``area`` (mask pixels, else box area), ``iscrowd`` 0 and ``score`` 1.0 (PaliGemma gives no scores),
+      plus the ``task`` it came from.
+    """
+    wanted = set(object_tasks(table) if tasks is None else tasks)
+    rows = [r for r in table.select(["image_id", "width", "height", "task", "status", "detections", "masks"])
+            .to_pylist() if r["task"] in wanted and r["status"] == "ok"]
+    rows.sort(key=lambda r: (r["image_id"], r["task"]))
+    objects = [(r, o) for r in rows for o in row_objects(r)]
+    names = list(categories) if categories is not None else sorted({o.label for _, o in objects})
+    category_ids = {name: i for i, name in enumerate(names, start=1)}
+    image_ids: dict[str, int] = {}
+    images = []
+    for r in rows:
+        if r["image_id"] not in image_ids:
+            image_ids[r["image_id"]] = len(image_ids) + 1
+            images.append({"id": image_ids[r["image_id"]], "file_name": r["image_id"],
+                           "width": r["width"], "height": r["height"]})
+    annotations = []
+    for r, o in objects:
+        if o.label not in category_ids:
+            continue
+        x0, y0, x1, y1 = (float(v) for v in o.box_xyxy)
+        annotations.append({
+            "id": len(annotations) + 1,
+            "image_id": image_ids[r["image_id"]],
+            "category_id": category_ids[o.label],
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "segmentation": dict(o.rle) if o.rle is not None else _box_polygon(x0, y0, x1, y1),
+            "area": float(o.mask_area if o.mask_area is not None else (x1 - x0) * (y1 - y0)),
+            "iscrowd": 0,
+            "score": 1.0,
+            "task": r["task"],
+        })
+    return {
+        "info": {"description": "paligemma-batch export", "tasks": sorted(wanted),
+                 "objects_left_out": len(objects) - len(annotations)},
+        "images": images,
+        "categories": [{"id": i, "name": n, "supercategory": ""} for n, i in category_ids.items()],
+        "annotations": annotations,
+    }
+
+
+def to_supervision(row: Mapping[str, Any], class_names: Sequence[str] | None = None):
+    """A ``supervision.Detections`` for one output row (a dict from ``Table.to_pylist()`` or a DataFrame row).
+
+    ``xyxy`` holds the boxes in original pixels, ``data["class_name"]`` the labels, and ``mask`` a bool
+    ``[N, height, width]`` array when the row has decoded masks (objects without one get their filled box).
+    With ``class_names``, ``class_id`` is each label's index there and objects with other labels are left out.
+    """
+    try:
+        import supervision as sv
+    except ImportError:
+        raise ImportError("pip install supervision to use paligemma_batch.export.to_supervision") from None
+    from paligemma_batch.masks import decode_rle
+
+    objects = row_objects(row)
+    if class_names is not None:
+        objects = [o for o in objects if o.label in class_names]
+    xyxy = np.array([o.box_xyxy for o in objects], np.float32).reshape(-1, 4)
+    mask = None
+    if any(o.rle is not None for o in objects):
+        height, width = int(row["height"]), int(row["width"])
+        mask = np.zeros((len(objects), height, width), bool)
+        for i, o in enumerate(objects):
+            if o.rle is not None:
+                mask[i] = decode_rle(o.rle)
+            else:
+                x0, y0, x1, y1 = (int(round(v)) for v in o.box_xyxy)
+                mask[i, max(y0, 0):y1, max(x0, 0):x1] = True
+    class_id = None if class_names is None else np.array([list(class_names).index(o.label) for o in objects], int)
+    return sv.Detections(xyxy=xyxy, mask=mask, class_id=class_id,
+                         data={"class_name": np.array([o.label for o in objects], dtype=str)})
