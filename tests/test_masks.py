@@ -1,7 +1,5 @@
 """Tests for paligemma_batch.masks: VQ-VAE decoder, mask pasting, COCO RLE."""
 
-import ast
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,17 +151,6 @@ def test_from_npz_loads_saved_file(small_arrays, tmp_path, where):
     with torch.no_grad():
         got = MaskDecoder.from_npz(uri)(torch.from_numpy(codes)).numpy()
     np.testing.assert_allclose(got, numpy_decode(small_arrays, codes), atol=1e-5, rtol=0)
-
-
-def test_masks_imports_no_ray():
-    source = Path(__file__).parents[1] / "paligemma_batch" / "masks.py"
-    imported = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.Import):
-            imported.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert "ray" not in imported
 
 
 # --- RLE ---
