@@ -1,8 +1,8 @@
 """Image bytes → RGB pixels at the model's resolution.
 
-Applies the EXIF orientation, flattens transparency onto white, maps 16-bit and float images to 8 bits,
-guards against decompression bombs, and lets JPEG decode at a reduced scale (draft mode) when the image is
-far larger than the model input. Knows nothing of Ray or models.
+Decodes only common formats, applies the EXIF orientation, flattens transparency onto white, maps 16-bit and
+float images to 8 bits, guards against decompression bombs, and lets JPEG decode at a reduced scale (draft mode)
+when the image is far larger than the model input. Knows nothing of Ray or models.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Draft decoding keeps at least this multiple of the target size, so the final resize still antialiases.
 DRAFT_HEADROOM = 2
+# The formats ever decoded. Others (EPS runs Ghostscript, PSD, ICNS, ...) are refused whatever the file is named.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 
 
 class ImageDecodeError(ValueError):
@@ -34,17 +36,33 @@ class DecodedImage:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img, dtype=np.uint32) // 257).astype(np.uint8), "L")
+    elif img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        scale = 257.0 if img.mode.startswith("I") and arr.max(initial=0) > 255 else 1.0
-        img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), "L")
+        peak = arr.max(initial=0)
+        scale = 255.0 if img.mode == "F" and peak <= 1.0 else (1 / 257 if peak > 255 else 1.0)
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Read the header only, in an allowed format, and refuse more than ``max_pixels`` before any decoding."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            "decode", f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)}); starts with {data[:12]!r}"
+        ) from None
+    if img.width * img.height > max_pixels:
+        raise ImageDecodeError("too_large", f"{img.width}x{img.height} exceeds {max_pixels} pixels")
+    return img
 
 
 def decode_image(
@@ -54,15 +72,19 @@ def decode_image(
     max_pixels: int = 89_478_485,
     draft: bool = True,
 ) -> DecodedImage:
-    """Decode ``data`` and resize it to ``size`` = (height, width); raise :class:`ImageDecodeError` on bad input."""
+    """Decode ``data`` and resize it to ``size`` = (height, width); raise :class:`ImageDecodeError` on bad input.
+
+    ``max_pixels`` is checked on the header, before decoding. Pillow's own hard stop (twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``) still applies above it.
+    """
     if not data:
         raise ImageDecodeError("empty", "zero-byte image")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > max_pixels:
-                raise ImageDecodeError("too_large", f"{img.width}x{img.height} exceeds {max_pixels} pixels")
+            # The max_pixels check replaces Pillow's bomb warning; its warnings about odd metadata change nothing.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            img = _open(data, max_pixels)
             orientation = img.getexif().get(0x0112, 1)
             swapped = orientation in (5, 6, 7, 8)
             width, height = (img.height, img.width) if swapped else (img.width, img.height)
@@ -76,7 +98,7 @@ def decode_image(
             img = img.resize((target_w, target_h), resample=resample)
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:
         raise ImageDecodeError("too_large", str(err)) from None
     except Exception as err:  # PIL raises many types for corrupt data; all mean "cannot decode"
         raise ImageDecodeError("decode", f"{type(err).__name__}: {err}") from None
