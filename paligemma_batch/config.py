@@ -134,6 +134,10 @@ class InferenceConfig(_Strict):
     num_gpus: float = Field(0, ge=0, description="GPUs per actor; 0 runs on CPU. >1 spreads a model over GPUs.")
     num_cpus: float = Field(1, gt=0, description="CPUs reserved per actor; leave CPU for reading and writing.")
     num_threads: int | None = Field(None, ge=1, description="torch threads per actor (default: num_cpus, >=1).")
+    model_load_retries: int = Field(
+        2, ge=0, le=20,
+        description="Fresh actors started after one fails to load the model, before the job fails with the cause.",
+    )
 
     @model_validator(mode="after")
     def _pool(self) -> InferenceConfig:
