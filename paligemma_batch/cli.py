@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,14 +43,10 @@ def _fail(problems: list[str]) -> None:
 
 
 def print_report(summary: dict) -> None:
-    """The end-of-run lines: counts, throughput and where the output is."""
-    typer.echo(
-        f"run {summary['run_id']}: {summary.get('inputs_seen', 0)} images, {summary.get('rows_written', 0)} rows "
-        f"({summary.get('rows_ok', 0)} ok, {summary.get('rows_error', 0)} error), "
-        f"{summary.get('images_per_second', 0)} images/s, {summary.get('wall_time_s', 0)} s"
-    )
-    typer.echo(f"parquet: {summary['output']}/")
-    typer.echo(f"summary: {summary['output']}/_SUMMARY.json")
+    """The end-of-run report: rows by task and status, top errors, throughput, where the output is."""
+    from paligemma_batch.report import print_run_report
+
+    print_run_report(summary)
 
 
 @app.command()
@@ -108,6 +105,77 @@ def runs(output: str) -> None:
     for r in OutputStore(output, StorageOptions()).read_index():
         typer.echo(f"{r.run_id}  {r.status:8}  shards={len(r.shards):<6} rows={r.rows}  started={r.started_at}"
                    f"  finished={r.finished_at or '-'}")
+
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", help="A job config: its input section tells how to read the shards, and its storage "
+                 "options how to reach the output (default: storage from the environment, format from extensions)."),
+]
+RunOption = Annotated[Optional[str], typer.Option("--run", help="One run id (default: every finished run).")]
+
+
+def _result_sources(config: Path | None):
+    """The input section and output storage options of ``--config``, or (None, defaults)."""
+    from paligemma_batch.config import StorageOptions
+
+    if config is None:
+        return None, StorageOptions()
+    job = _load(config, None)
+    return job.input, job.output_storage
+
+
+@app.command()
+def inspect(
+    output: str = typer.Argument(help="The output root of a job."),
+    report: Optional[str] = typer.Option(None, "--output", help="Where the HTML goes (default OUTPUT/report.html)."),
+    sample: int = typer.Option(48, min=1, help="Images in the report, drawn at random with --seed."),
+    task: Optional[str] = typer.Option(None, help="Only rows of this task (its name in the config)."),
+    where: Optional[list[str]] = typer.Option(None, help="COLUMN=VALUE, COLUMN!=VALUE or COLUMN~TEXT; repeatable."),
+    run_id: RunOption = None,
+    seed: int = typer.Option(0, help="Seed of the sample."),
+    config: ConfigOption = None,
+) -> None:
+    """Write a self-contained HTML report: sampled images with their boxes, masks, answers and errors."""
+    from paligemma_batch.report import write_report
+
+    input_config, storage = _result_sources(config)
+    try:
+        result = write_report(output, report, sample=sample, task=task, where=where or [], run_id=run_id, seed=seed,
+                              input_config=input_config, storage_options=storage)
+    except (FileNotFoundError, ValueError) as err:
+        _fail([str(err)])
+    typer.echo(f"report: {result.path} ({result.images} of {result.matching_images} matching images, "
+               f"{result.rows} rows)")
+
+
+class ExportFormat(str, Enum):
+    coco = "coco"
+
+
+@app.command()
+def export(
+    output: str = typer.Argument(help="The output root of a job."),
+    format_: ExportFormat = typer.Option(ExportFormat.coco, "--format", help="Export format."),
+    to: Optional[str] = typer.Option(None, "--output", help="Where the file goes (default OUTPUT/coco.json)."),
+    task: Optional[list[str]] = typer.Option(None, help="Tasks to export (default: the tasks with masks, else "
+                                             "those with boxes); repeatable."),
+    categories: Optional[str] = typer.Option(None, help="Comma-separated category names, in id order; objects "
+                                             "with other labels are left out (default: every label, sorted)."),
+    run_id: RunOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Export boxes and masks as COCO detection + segmentation JSON."""
+    from paligemma_batch.export import write_coco
+
+    _, storage = _result_sources(config)
+    names = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
+    try:
+        path, coco = write_coco(output, to, task, names, run_id, storage)
+    except (FileNotFoundError, ValueError) as err:
+        _fail([str(err)])
+    typer.echo(f"coco: {path} ({len(coco['images'])} images, {len(coco['categories'])} categories, "
+               f"{len(coco['annotations'])} annotations from {', '.join(coco['info']['tasks']) or 'no task'})")
 
 
 def main() -> None:

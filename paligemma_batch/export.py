@@ -7,6 +7,7 @@ where one was decoded, else the box alone.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from paligemma_batch.config import StorageOptions
 
 
 @dataclass(frozen=True)
@@ -141,3 +144,26 @@ def to_supervision(row: Mapping[str, Any], class_names: Sequence[str] | None = N
     class_id = None if class_names is None else np.array([list(class_names).index(o.label) for o in objects], int)
     return sv.Detections(xyxy=xyxy, mask=mask, class_id=class_id,
                          data={"class_name": np.array([o.label for o in objects], dtype=str)})
+
+
+COCO_FILE = "coco.json"
+
+
+def write_coco(
+    uri: str,
+    output: str | None = None,
+    tasks: Sequence[str] | None = None,
+    categories: Sequence[str] | None = None,
+    run_id: str | None = None,
+    storage_options: StorageOptions | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Export the output at ``uri`` as COCO JSON to ``output`` (default ``coco.json`` in the output root).
+
+    Returns the path written and the COCO dict.
+    """
+    from paligemma_batch.results import read_results, write_beside
+
+    columns = ["image_id", "width", "height", "task", "status", "detections", "masks"]
+    coco = to_coco(read_results(uri, run_id, columns=columns, storage_options=storage_options), tasks, categories)
+    path = write_beside(uri, output, COCO_FILE, json.dumps(coco).encode(), storage_options)
+    return path, coco

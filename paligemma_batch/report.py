@@ -13,7 +13,6 @@ import io
 import posixpath
 import random
 import sys
-from pathlib import Path
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
@@ -25,7 +24,7 @@ from PIL import Image
 
 from paligemma_batch.config import InputConfig, StorageOptions
 from paligemma_batch.export import RowObject, row_objects
-from paligemma_batch.results import SourceImage, read_results, read_source_images
+from paligemma_batch.results import SourceImage, read_results, read_source_images, write_beside
 
 # --- the end-of-run table -------------------------------------------------------------------------------
 
@@ -388,20 +387,6 @@ def write_report(uri: str, output: str | None = None, **options: Any) -> ReportR
 
     The default ``output`` is ``report.html`` in the output root, on whatever filesystem that is.
     """
-    from paligemma_batch.sink import OutputStore
-    from paligemma_batch.sources import filesystem
-
-    storage = options.get("storage_options") or StorageOptions()
     page, result = build_report(uri, **options)
-    data = page.encode("utf-8")
-    if output is None:
-        store = OutputStore(uri, storage)
-        store.write_bytes(store.path(REPORT_FILE), data)
-        output = f"{store.uri}/{REPORT_FILE}"
-    elif "://" in output:
-        fs, path = filesystem(output, storage)
-        fs.pipe_file(path, data)
-    else:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_bytes(data)
-    return replace(result, path=output)
+    path = write_beside(uri, output, REPORT_FILE, page.encode("utf-8"), options.get("storage_options"))
+    return replace(result, path=path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -41,6 +42,25 @@ def result_runs(store: OutputStore, run_id: str | None = None) -> list[str]:
         listed = ", ".join(f"{r.run_id} ({r.status})" for r in index)
         raise ValueError(f"no finished run in {store.uri} ({listed}); pass run_id to read an unfinished run's rows")
     return finished
+
+
+def write_beside(uri: str, output: str | None, name: str, data: bytes,
+                 storage_options: StorageOptions | Mapping[str, Any] | None = None) -> str:
+    """Write ``data`` to ``output`` (a local path or fsspec URI), or by default as ``name`` in the output root."""
+    from paligemma_batch.sources import filesystem
+
+    storage = _storage(storage_options)
+    if output is None:
+        store = OutputStore(uri, storage)
+        store.write_bytes(store.path(name), data)
+        return f"{store.uri}/{name}"
+    if "://" in output:
+        fs, path = filesystem(output, storage)
+        fs.pipe_file(path, data)
+    else:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_bytes(data)
+    return output
 
 
 def read_results(
