@@ -187,7 +187,7 @@ main {{ display: grid; grid-template-columns: repeat(auto-fill, {CARD_WIDTH}px);
 .frame > img, .frame > svg {{ position: absolute; left: 0; top: 0; display: block; }}
 .frame .missing {{ padding: 8px; color: #a00; word-break: break-all; }}
 .meta {{ margin: 6px 0 2px; color: #555; word-break: break-all; }}
-.row {{ margin-top: 4px; word-break: break-word; }}
+.row {{ margin-top: 4px; word-break: break-word; max-height: 12em; overflow: auto; }}
 .row b {{ color: #000; }}
 .row.error {{ color: #b00; }}
 details code {{ display: block; white-space: pre-wrap; word-break: break-all; font-size: 11px; color: #444; }}
@@ -260,14 +260,19 @@ def _svg_boxes(objects: list[RowObject], colors: dict[str, str], scale: tuple[fl
             f'xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>')
 
 
+def _sized_row(card: Card) -> dict[str, Any] | None:
+    """A row of the card that knows the image's original size (rows of unreadable images do not)."""
+    return next((r for r in card.rows if r["width"] is not None), None)
+
+
 def _frame(card: Card, colors: dict[str, str]) -> str:
-    first = card.rows[0]
-    if card.source.data is None or first["width"] is None:
-        reason = card.source.error or first.get("error") or "no image"
+    sized = _sized_row(card)
+    if card.source.data is None or sized is None:
+        reason = card.source.error or card.rows[0]["error"] or "no image"
         return f'<div class="frame"><div class="missing">image unavailable: {html.escape(reason)}</div></div>'
     from paligemma_batch.images import ImageDecodeError, decode_image
 
-    width, height = first["width"], first["height"]
+    width, height = sized["width"], sized["height"]
     size = thumb_size(width, height)
     try:
         decoded = decode_image(card.source.data, (size[1], size[0]))
@@ -304,9 +309,9 @@ def _row_html(row: dict[str, Any]) -> str:
 
 def _card_html(index: int, card: Card, colors: dict[str, str]) -> str:
     frame = _frame(card, colors)
-    first = card.rows[0]
+    sized = _sized_row(card)
     key = card.image_id.rsplit("::", 1)[-1]
-    size = f" · {first['width']}x{first['height']}" if first["width"] is not None else ""
+    size = f" · {sized['width']}x{sized['height']}" if sized is not None else ""
     notes = "".join(f'<div class="row error">{html.escape(n)}</div>' for n in card.notes)
     rows = "".join(_row_html(r) for r in card.rows)
     return (f'<div class="card" id="card-{index}" data-image-id="{html.escape(card.image_id)}">{frame}'
