@@ -9,6 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -25,12 +26,37 @@ class _Strict(BaseModel):
 class StorageOptions(_Strict):
     """Credentials and endpoint for object storage. Secrets never appear in logs, metadata or summaries."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000.")
     key: SecretStr | None = Field(None, description="Access key id; default: the usual AWS credential chain.")
     secret: SecretStr | None = Field(None, description="Secret access key; default: the usual AWS credential chain.")
     anon: bool = Field(False, description="Anonymous access to public buckets.")
     region: str | None = Field(None, description="Bucket region.")
-    retries: int = Field(10, ge=0, le=100, description="Retry attempts per storage request (botocore standard).")
+    retries: int = Field(
+        10, ge=0, le=100,
+        description="Retries per storage request after the first attempt, for 5xx answers, throttling and dropped "
+        "connections (botocore; s3fs also retries dropped connections and SlowDown itself).",
+    )
+    retry_mode: Literal["standard", "adaptive"] = Field(
+        "standard",
+        description="botocore retry mode: standard (jittered exponential backoff) or adaptive (also slows the "
+        "request rate when the store throttles).",
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _plain_endpoint(cls, url: str | None) -> str | None:
+        if url is None:
+            return url
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("must not hold credentials; use key and secret")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return url
 
     def to_fsspec(self) -> dict[str, Any]:
         """Keyword arguments for an fsspec filesystem (s3fs understands all of them)."""
@@ -43,7 +69,7 @@ class StorageOptions(_Strict):
             opts["secret"] = self.secret.get_secret_value()
         if self.region:
             opts["client_kwargs"] = {"region_name": self.region}
-        opts["config_kwargs"] = {"retries": {"max_attempts": self.retries, "mode": "standard"}}
+        opts["config_kwargs"] = {"retries": {"max_attempts": self.retries, "mode": self.retry_mode}}
         return opts
 
 
