@@ -66,6 +66,7 @@ def list_shards(cfg: InputConfig) -> list[str]:
     found: set[str] = set()
     for uri in uris:
         fs, path = filesystem(uri, cfg.storage_options)
+        fs.invalidate_cache()  # "what exists now": a long-lived process must see shards added since its last listing
         path = path.rstrip("/") if _is_local(fs) or "://" in uri else path
         if any(c in path for c in "*?["):
             candidates = fs.glob(path)
