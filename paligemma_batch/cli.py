@@ -178,6 +178,34 @@ def export(
                f"{len(coco['annotations'])} annotations from {', '.join(coco['info']['tasks']) or 'no task'})")
 
 
+@app.command()
+def evaluate(
+    model: Optional[str] = typer.Option(None, help="Model folder or URI (default: the shipped shapes fixture)."),
+    mask_decoder: Optional[str] = typer.Option(None, help="vae-oid.npz (default: the model folder's)."),
+    shards: Optional[str] = typer.Option(None, help="Folder for the held-out shards, local or s3:// "
+                                         "(default: a temporary folder)."),
+    existing: bool = typer.Option(False, "--existing", help="Score the shards already in --shards (scene shards "
+                                  "with KEY.json ground truth) instead of writing fresh ones."),
+    images: int = typer.Option(64, min=1, help="Held-out scenes to write (rounded up to whole shards)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the held-out scenes (default: the evaluation seed)."),
+    output: Optional[str] = typer.Option(None, help="Output root for the job (default: a temporary folder)."),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint for s3:// shards; credentials come from "
+                                               "the usual AWS chain."),
+) -> None:
+    """Score a model on seeded held-out scenes through the full job: a table, then one JSON line."""
+    from paligemma_batch.config import StorageOptions
+    from paligemma_batch.evaluate import FIXTURE_MODEL, HELDOUT_SEED
+    from paligemma_batch.evaluate import evaluate as score_model
+
+    if existing and not shards:
+        _fail(["--existing needs --shards"])
+    metrics = score_model(model or FIXTURE_MODEL, mask_decoder, shards, generate=not existing, images=images,
+                          seed=HELDOUT_SEED if seed is None else seed, output=output,
+                          storage=StorageOptions(endpoint_url=endpoint_url))
+    typer.echo(metrics.table())
+    typer.echo(metrics.json_line())
+
+
 def main() -> None:
     app()
 
