@@ -7,3 +7,5 @@ cd "$(dirname "$0")/.."
 chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --force-device-scale-factor=1 \
   --force-color-profile=srgb --window-size=1200,1100 --screenshot=docs/report.png \
   "file://$PWD/out/demo/report.html" 2>/dev/null
+# 256 colours keep the PNG small in the repository.
+.venv/bin/python -c "from PIL import Image; Image.open('docs/report.png').convert('RGB').quantize(256, dither=0).save('docs/report.png', optimize=True)"
