@@ -64,6 +64,7 @@ def validate(config: Path, set_: SetOption = None) -> None:
 @app.command()
 def run(config: Path, set_: SetOption = None) -> None:
     """Run an annotation job (resumes this config's unfinished run if there is one)."""
+    from paligemma_batch.pipeline import RunFailed
     from paligemma_batch.pipeline import run as run_job
 
     job = _load(config, set_)
@@ -71,6 +72,9 @@ def run(config: Path, set_: SetOption = None) -> None:
         summary = run_job(job)
     except ConfigError as err:
         _fail(err.problems)
+    except RunFailed as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     if summary["status"] == "nothing_to_do":
         typer.echo("nothing to do: every shard is covered by a finished run")
         return
@@ -96,17 +100,6 @@ def demo(
     print_report(summary)
 
 
-@app.command()
-def runs(output: str) -> None:
-    """List the runs under an output root (the run index)."""
-    from paligemma_batch.config import StorageOptions
-    from paligemma_batch.sink import OutputStore
-
-    for r in OutputStore(output, StorageOptions()).read_index():
-        typer.echo(f"{r.run_id}  {r.status:8}  shards={len(r.shards):<6} rows={r.rows}  started={r.started_at}"
-                   f"  finished={r.finished_at or '-'}")
-
-
 ConfigOption = Annotated[
     Optional[Path],
     typer.Option("--config", help="A job config: its input section tells how to read the shards, and its storage "
@@ -123,6 +116,38 @@ def _result_sources(config: Path | None):
         return None, StorageOptions()
     job = _load(config, None)
     return job.input, job.output_storage
+
+
+@app.command()
+def runs(
+    output: str = typer.Argument(help="The output root of a job (local folder or s3://...)."),
+    config: ConfigOption = None,
+    endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: the config's, else "
+                                               "the environment's); credentials come from the usual AWS chain."),
+    shards: bool = typer.Option(False, "--shards", help="List each run's shards under it."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run index as JSON."),
+) -> None:
+    """List the runs under an output root (the run index): status, attempts, shards, rows, times."""
+    from dataclasses import asdict
+
+    from paligemma_batch.sink import OutputStore
+
+    _, storage = _result_sources(config)
+    if endpoint_url:
+        storage = storage.model_copy(update={"endpoint_url": endpoint_url})
+    records = OutputStore(output, storage).read_index()
+    if not records:
+        _fail([f"no runs at {output} (no _RUNS.json)"])
+    if as_json:
+        typer.echo(json.dumps({"runs": [asdict(r) for r in records]}, indent=2, ensure_ascii=False))
+        return
+    for r in records:
+        rows = "-" if r.rows is None else r.rows
+        typer.echo(f"{r.run_id}  {r.status:8}  attempts={r.attempts}  shards={len(r.shards):<6} rows={rows:<8}  "
+                   f"started={r.started_at}  finished={r.finished_at or '-'}")
+        if shards:
+            for shard in r.shards:
+                typer.echo(f"    {shard}")
 
 
 @app.command()

@@ -1,7 +1,14 @@
 """Building and running the job: ``validate(config)``, ``build(config, plan)`` and ``run(config)``.
 
 ``run`` validates everything before its first side effect, decides whether this is a new, resumed or
-incremental run, streams the Dataset into the run's Parquet files, then writes the summary and the index.
+incremental run, streams the Dataset into the run's Parquet files, then commits the run's manifest, the
+summary and the index.
+
+Exactly once: a rerun of the same config resumes the unfinished run. It skips the shards whose every row is
+committed (each shard's row count is recorded when it is read to the end), reads the rest again and skips
+their committed ``(image_id, task)`` pairs. The run's output is the key-disjoint set of part files from
+earlier attempts plus the files this attempt's write tasks returned; the manifest written at the end names
+exactly those, so files from writers that outlived a crash are never part of it.
 """
 
 from __future__ import annotations
@@ -16,22 +23,40 @@ from typing import Any
 
 from paligemma_batch.config import ConfigError, JobConfig
 from paligemma_batch.model import ModelSourceError, classify_source
-from paligemma_batch.sink import OutputStore, RunRecord, RunSink, new_run_id, now_iso, summarize_rows
+from paligemma_batch.sink import (
+    OutputStore,
+    RunRecord,
+    RunSink,
+    SUMMARY_FILE,
+    ShardLog,
+    WriteStats,
+    new_run_id,
+    now_iso,
+    summarize_rows,
+)
 from paligemma_batch.sources import _is_local, list_shards
 
 # GPUs without bfloat16 support, as Ray names them in accelerator_type resources.
 NO_BF16_GPUS = {"V100", "T4", "P100", "P4", "K80", "M60", "P40"}
 
 
+class RunFailed(RuntimeError):
+    """The job stopped on a fatal error (such as a model that cannot load); its run stays resumable."""
+
+
 @dataclass
 class RunPlan:
     """What one invocation will do."""
 
-    run_id: str
+    record: RunRecord  # the run in the index, attempts already counted
     shards: list[str]  # shards this invocation reads
     resumed: bool = False
-    done_keys: set[str] = field(default_factory=set)  # "image_id\ttask" already committed by this run
-    record: RunRecord | None = None
+    done_keys: set[str] = field(default_factory=set)  # row keys of those shards already committed
+    committed: dict[str, int] = field(default_factory=dict)  # earlier attempts' part files (path -> rows)
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
 
 
 def _check_output(config: JobConfig) -> list[str]:
@@ -58,6 +83,9 @@ def _check_output(config: JobConfig) -> list[str]:
         if record.status == "finished" and config.output.mode == "new":
             return [f"output.uri: holds a finished run ({record.run_id}); use a new output.uri or "
                     "output.mode: incremental"]
+        if record.status == "finished" and record.config_hash != fingerprint:
+            return [f"output.mode: incremental adds to runs of the same config, but {record.run_id} ran another "
+                    "one (model, tasks, input or preprocessing differ); use a new output.uri"]
         if record.status == "running" and record.config_hash != fingerprint:
             return [f"output.uri: holds an unfinished run ({record.run_id}) with a different config; rerun its "
                     "config to resume it, or use a new output.uri"]
@@ -85,7 +113,7 @@ def cluster_resources(config: JobConfig) -> dict[str, float]:
     """The resources the job will run on: the connected cluster's, or what a local Ray would get."""
     import ray
 
-    if ray.is_initialized() or config.ray.address:
+    if ray.is_initialized() or _ray_address(config):
         _init_ray(config)
         return dict(ray.cluster_resources())
     cpus = config.ray.num_cpus or os.cpu_count() or 1
@@ -142,13 +170,30 @@ def plan_run(config: JobConfig, store: OutputStore, shards: list[str]) -> RunPla
     index = store.read_index()
     unfinished = [r for r in index if r.status == "running" and r.config_hash == fingerprint]
     if unfinished:
-        record = unfinished[-1]
-        return RunPlan(record.run_id, record.shards, True, store.done_keys(record.run_id), record)
+        return _resume_plan(config, store, unfinished[-1])
     if config.output.mode == "incremental":
         covered = {s for r in index if r.status == "finished" for s in r.shards}
         shards = [s for s in shards if s not in covered]
     run_id = new_run_id()
-    return RunPlan(run_id, shards, record=RunRecord(run_id, "running", fingerprint, now_iso(), shards))
+    return RunPlan(RunRecord(run_id, "running", fingerprint, now_iso(), shards), shards)
+
+
+def _resume_plan(config: JobConfig, store: OutputStore, record: RunRecord) -> RunPlan:
+    """Continue ``record``: skip its finished shards, and the committed rows of the others."""
+    progress = store.progress(record.run_id)
+    # An image file yields one row; tars and Parquet files record their row count when read to the end.
+    sizes = dict.fromkeys(record.shards, 1) if config.input.format == "images" else store.shard_sizes(record.run_id)
+    finished = progress.complete_shards(sizes, len(config.tasks))
+    todo = [s for s in record.shards if s not in finished]
+    todo_set = set(todo)
+    done_keys = {key for key, shard in progress.keys.items() if shard in todo_set}
+    record.attempts += 1
+    return RunPlan(record, todo, True, done_keys, progress.files)
+
+
+def _ray_address(config: JobConfig) -> str | None:
+    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (set by ``ray job submit``); None: local."""
+    return config.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def _init_ray(config: JobConfig) -> bool:
@@ -158,8 +203,9 @@ def _init_ray(config: JobConfig) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if config.ray.address:
-        ray.init(address=config.ray.address, **kwargs)
+    address = _ray_address(config)
+    if address:
+        ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, **kwargs)
     return True
@@ -175,6 +221,8 @@ def build(config: JobConfig, plan: RunPlan, processor):
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = config.ray.progress_bars
     ctx.execution_options.preserve_order = False
+    # An actor whose model fails to load dies; Ray Data replaces it this many times, then fails with the cause.
+    ctx.max_consecutive_actor_init_deaths = config.inference.model_load_retries
     pre, inf = config.preprocess, config.inference
     shards_per_read = 32 if config.input.format == "images" else 1
     ds = ray.data.from_items(
@@ -186,7 +234,13 @@ def build(config: JobConfig, plan: RunPlan, processor):
         batch_size=shards_per_read,
         batch_format="pyarrow",
         num_cpus=pre.num_cpus,
-        fn_kwargs={"input_cfg": config.input, "fields": wanted_fields(config.tasks)},
+        fn_kwargs={
+            "input_cfg": config.input,
+            "fields": wanted_fields(config.tasks),
+            "shard_log": None if config.input.format == "images" else ShardLog(
+                config.output.uri, config.output_storage, plan.run_id
+            ),
+        },
     )
     ds = ds.map_batches(
         preprocess,
@@ -206,12 +260,32 @@ def build(config: JobConfig, plan: RunPlan, processor):
     )
 
 
-def run(config: JobConfig) -> dict[str, Any]:
-    """Run the whole job and return its summary (also written as ``_SUMMARY.json``)."""
+def _write(config: JobConfig, store: OutputStore, plan: RunPlan) -> WriteStats:
+    """Stream the plan's shards through the Dataset into part files; the files this attempt committed."""
     import ray
 
     from paligemma_batch.model import load_processor
     from paligemma_batch.schema import with_metadata
+
+    processor = load_processor(config.model, config.model_storage)
+    schema = with_metadata({"run_id": plan.run_id, "config_hash": config.fingerprint(),
+                            "model_id": config.model.source, "precision": config.model.precision})
+    sink = RunSink(store, plan.run_id, plan.record.attempts, config.output.rows_per_file, schema)
+    try:
+        build(config, plan, processor).write_datasink(sink, ray_remote_args={"num_cpus": config.preprocess.num_cpus})
+    except ray.exceptions.ActorDiedError as err:
+        retries = config.inference.model_load_retries
+        cause = next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), repr(err))
+        raise RunFailed(
+            f"inference: {retries + 1} actor(s) in a row died loading the model (inference.model_load_retries="
+            f"{retries}); run {plan.run_id} stays resumable. Cause: {cause}"
+        ) from err
+    return sink.stats
+
+
+def run(config: JobConfig) -> dict[str, Any]:
+    """Run the whole job and return its summary (also written as ``_SUMMARY.json``)."""
+    import ray
 
     problems, shards = validate(config)
     if problems:
@@ -221,16 +295,13 @@ def run(config: JobConfig) -> dict[str, Any]:
         store = OutputStore(config.output.uri, config.output_storage)
         plan = plan_run(config, store, shards)
         summary_base = {"run_id": plan.run_id, "output": store.run_uri(plan.run_id), "resumed": plan.resumed}
-        if not plan.shards:
+        if not plan.shards and not plan.resumed:
             return {**summary_base, "status": "nothing_to_do", "inputs_seen": 0, "rows_written": 0}
         store.upsert_run(plan.record)
-        processor = load_processor(config.model, config.model_storage)
-        schema = with_metadata({"run_id": plan.run_id, "config_hash": config.fingerprint(),
-                                "model_id": config.model.source, "precision": config.model.precision})
-        sink = RunSink(store, plan.run_id, config.output.rows_per_file, schema)
         t0 = time.perf_counter()
-        build(config, plan, processor).write_datasink(sink)
+        written = _write(config, store, plan) if plan.shards else WriteStats()
         wall = time.perf_counter() - t0
+        discarded = store.finish_run(plan.run_id, {**plan.committed, **written.files})
         table = store.read_run(plan.run_id, ["image_id", "task", "status", "error", "num_output_tokens",
                                              "invalid_objects"])
         summary = {
@@ -240,19 +311,22 @@ def run(config: JobConfig) -> dict[str, Any]:
             "model": {"source": config.model.source, "revision": config.model.revision,
                       "precision": config.model.precision},
             "masks_decoded": bool(config.model.mask_decoder),
-            "shards": len(plan.shards),
+            "shards": len(plan.record.shards),
+            "shards_read": len(plan.shards),
+            "attempts": plan.record.attempts,
             **summarize_rows(table),
-            "rows_this_invocation": sink.stats.rows,
+            "rows_this_invocation": written.rows,
+            "uncommitted_files_removed": discarded,
             "wall_time_s": round(wall, 3),
-            "images_per_second": round(sink.stats.rows / max(len(config.tasks), 1) / wall, 3) if wall else 0.0,
+            "images_per_second": round(written.rows / max(len(config.tasks), 1) / wall, 3) if wall else 0.0,
             "output_tokens_per_second": None,
             "files": len(store.data_files(plan.run_id)),
             "started_at": plan.record.started_at,
             "finished_at": now_iso(),
         }
         summary["output_tokens_per_second"] = round(summary["output_tokens"] / wall, 1) if wall else 0.0
-        store.write_json(posixpath.join(store.run_path(plan.run_id), "_SUMMARY.json"), summary)
-        store.write_json(store.path("_SUMMARY.json"), summary)
+        store.write_json(store.run_path(plan.run_id, SUMMARY_FILE), summary)
+        store.write_json(store.path(SUMMARY_FILE), summary)
         plan.record.status, plan.record.finished_at, plan.record.rows = "finished", summary["finished_at"], table.num_rows
         store.upsert_run(plan.record)
         return summary

@@ -1,21 +1,28 @@
-"""Writing Parquet under a run prefix, the run index, ``_SUMMARY.json`` and resume bookkeeping.
+"""Writing Parquet under a run prefix, the run index, ``_SUMMARY.json`` and exactly-once bookkeeping.
 
 Layout under the output root::
 
-    _RUNS.json                      the run index: every run, its status and its shards
+    _RUNS.json                      the run index: every run, its status, its shards and its attempts
     _SUMMARY.json                   the summary of the latest finished run
-    runs/RUN_ID/part-*.parquet      committed rows; each file appears whole or not at all
+    runs/RUN_ID/part-aN-*.parquet   rows written by attempt N; each file appears whole or not at all
+    runs/RUN_ID/_MANIFEST.json      written when the run finishes: the part files that make up its output
+    runs/RUN_ID/_shards/*.json      how many rows each read shard yielded (for skipping finished shards)
     runs/RUN_ID/_SUMMARY.json       that run's summary
 
-A file is committed by an atomic rename (local) or a single object PUT (object storage), so a crash leaves
-only whole files, and a rerun can skip exactly the ``(image_id, task)`` pairs they hold.
+A part file is committed by an atomic rename (local) or a single object PUT (object storage), so a crash
+leaves only whole files. Writers that outlive a crash (a retried write task, a worker of a killed driver) can
+still commit files whose rows another file holds too, so while a run is unfinished its committed output is
+the *key-disjoint* subset of its part files (:meth:`OutputStore.progress`), and once it finishes it is
+exactly the files its manifest lists; every other file in the run folder is removed then and ignored always.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
+import logging
 import posixpath
 import uuid
 from collections import Counter
@@ -33,9 +40,13 @@ from paligemma_batch.config import StorageOptions
 from paligemma_batch.schema import ANNOTATIONS
 from paligemma_batch.sources import _is_local, filesystem
 
+logger = logging.getLogger(__name__)
+
 RUNS_DIR = "runs"
 INDEX_FILE = "_RUNS.json"
 SUMMARY_FILE = "_SUMMARY.json"
+MANIFEST_FILE = "_MANIFEST.json"
+SHARDS_DIR = "_shards"
 KEY_COLUMNS = ["image_id", "task"]
 
 
@@ -45,6 +56,11 @@ def now_iso() -> str:
 
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def row_key(image_id: str, task: str) -> str:
+    """The exactly-once key of an output row."""
+    return f"{image_id}\t{task}"
 
 
 @dataclass
@@ -58,18 +74,35 @@ class RunRecord:
     shards: list[str]
     finished_at: str | None = None
     rows: int | None = None
+    attempts: int = 1  # invocations that worked on this run (1 + resumes)
 
 
 @dataclass
 class WriteStats:
-    """What one write task (or the whole run, combined) committed."""
+    """What one write task (or the whole invocation, combined) committed: part file path -> rows."""
 
-    rows: int = 0
-    files: list[str] = field(default_factory=list)
+    files: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.files.values())
 
     def merge(self, other: WriteStats) -> None:
-        self.rows += other.rows
-        self.files += other.files
+        self.files.update(other.files)
+
+
+@dataclass
+class Progress:
+    """What an unfinished run has committed: key-disjoint part files, their keys and rows per shard."""
+
+    files: dict[str, int] = field(default_factory=dict)  # accepted part file path -> rows
+    keys: dict[str, str] = field(default_factory=dict)  # row key -> the shard (source_uri) it came from
+    rows_by_shard: Counter = field(default_factory=Counter)
+    rejected: list[str] = field(default_factory=list)  # files sharing a key with an accepted file
+
+    def complete_shards(self, sizes: dict[str, int], num_tasks: int) -> set[str]:
+        """Shards whose every row (``sizes[shard]`` source rows x ``num_tasks``) is committed."""
+        return {s for s, n in sizes.items() if self.rows_by_shard.get(s, 0) >= n * num_tasks}
 
 
 class OutputStore:
@@ -84,8 +117,8 @@ class OutputStore:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    def run_path(self, run_id: str) -> str:
-        return self.path(RUNS_DIR, run_id)
+    def run_path(self, run_id: str, *parts: str) -> str:
+        return self.path(RUNS_DIR, run_id, *parts)
 
     def run_uri(self, run_id: str) -> str:
         return f"{self.uri}/{RUNS_DIR}/{run_id}"
@@ -104,12 +137,15 @@ class OutputStore:
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False).encode())
 
-    def read_index(self) -> list[RunRecord]:
+    def read_json(self, path: str) -> Any | None:
         try:
-            raw = self.fs.cat_file(self.path(INDEX_FILE))
+            return json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
-            return []
-        return [RunRecord(**r) for r in json.loads(raw)["runs"]]
+            return None
+
+    def read_index(self) -> list[RunRecord]:
+        index = self.read_json(self.path(INDEX_FILE))
+        return [RunRecord(**r) for r in index["runs"]] if index else []
 
     def write_index(self, records: list[RunRecord]) -> None:
         self.write_json(self.path(INDEX_FILE), {"runs": [asdict(r) for r in records]})
@@ -118,12 +154,31 @@ class OutputStore:
         records = [r for r in self.read_index() if r.run_id != record.run_id] + [record]
         self.write_index(records)
 
-    def data_files(self, run_id: str) -> list[str]:
+    def _listing(self, *parts: str) -> list[str]:
+        """A fresh listing of a folder under the output root (other processes write there); [] if absent."""
+        folder = self.path(*parts)
+        self.fs.invalidate_cache(folder)
         try:
-            names = self.fs.ls(self.run_path(run_id), detail=False)
+            return sorted(self.fs.ls(folder, detail=False))
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if posixpath.basename(n).startswith("part-") and n.endswith(".parquet"))
+
+    def part_files(self, run_id: str) -> list[str]:
+        """Every part file in the run folder, committed or not (temporary files never count)."""
+        return [n for n in self._listing(RUNS_DIR, run_id)
+                if posixpath.basename(n).startswith("part-") and n.endswith(".parquet")]
+
+    def manifest(self, run_id: str) -> dict[str, int] | None:
+        """The finished run's part files (path -> rows), or None while the run is unfinished."""
+        manifest = self.read_json(self.run_path(run_id, MANIFEST_FILE))
+        if manifest is None:
+            return None
+        return {self.run_path(run_id, f["name"]): f["rows"] for f in manifest["files"]}
+
+    def data_files(self, run_id: str) -> list[str]:
+        """The part files that make up the run's committed output: its manifest, or its progress so far."""
+        files = self.manifest(run_id)
+        return sorted(files if files is not None else self.progress(run_id).files)
 
     def read_run(self, run_id: str, columns: list[str] | None = None) -> pa.Table:
         """Every committed row of a run (optionally only some columns)."""
@@ -136,18 +191,86 @@ class OutputStore:
             return schema.empty_table()
         return pa.concat_tables(tables)
 
-    def done_keys(self, run_id: str) -> set[str]:
-        """``image_id\\ttask`` for every committed row of a run: what a resumed run must skip."""
-        table = self.read_run(run_id, KEY_COLUMNS)
-        return {f"{i}\t{t}" for i, t in zip(table["image_id"].to_pylist(), table["task"].to_pylist())}
+    def progress(self, run_id: str) -> Progress:
+        """The run's committed output so far, each ``(image_id, task)`` once.
+
+        Part files are taken in a fixed order (the manifest's first, then by name) and a file is accepted
+        only when it shares no key with the files accepted before it; a rejected file's rows are the work of
+        a writer that outlived a crash or a retried task, and the rows it alone held are simply redone.
+        """
+        listed = self.part_files(run_id)
+        first = sorted(set(self.manifest(run_id) or ()) & set(listed))
+        progress = Progress()
+        for path in first + [p for p in listed if p not in first]:
+            try:
+                with self.fs.open(path, "rb") as f:
+                    table = pq.read_table(f, columns=[*KEY_COLUMNS, "source_uri"])
+            except FileNotFoundError:
+                continue
+            keys = dict(zip(map(row_key, table["image_id"].to_pylist(), table["task"].to_pylist()),
+                            table["source_uri"].to_pylist()))
+            if not keys.keys().isdisjoint(progress.keys):
+                progress.rejected.append(path)
+                continue
+            progress.files[path] = table.num_rows
+            progress.keys.update(keys)
+            progress.rows_by_shard.update(table["source_uri"].to_pylist())
+        return progress
+
+    def mark_shard(self, run_id: str, shard: str, rows: int) -> None:
+        """Record that reading ``shard`` yielded ``rows`` source rows (idempotent: a re-read rewrites it)."""
+        name = hashlib.sha256(shard.encode()).hexdigest()[:32] + ".json"
+        self.write_json(self.run_path(run_id, SHARDS_DIR, name), {"shard": shard, "rows": rows})
+
+    def shard_sizes(self, run_id: str) -> dict[str, int]:
+        """Source rows per shard, for the shards of the run that were read to the end."""
+        paths = [p for p in self._listing(RUNS_DIR, run_id, SHARDS_DIR) if p.endswith(".json")]
+        records = [json.loads(raw) for raw in self.fs.cat(paths, on_error="omit").values()] if paths else []
+        return {r["shard"]: r["rows"] for r in records}
+
+    def finish_run(self, run_id: str, files: dict[str, int]) -> int:
+        """Commit the run's output as exactly ``files`` (path -> rows) and remove every other part or
+        temporary file from its folder; return how many were removed."""
+        self.write_json(self.run_path(run_id, MANIFEST_FILE), {
+            "files": [{"name": posixpath.basename(p), "rows": n} for p, n in sorted(files.items())],
+            "rows": sum(files.values()),
+        })
+        stray = [p for p in self._listing(RUNS_DIR, run_id)
+                 if posixpath.basename(p).startswith((".tmp-", "part-")) and p not in files]
+        for path in stray:
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+        if stray:
+            logger.info("run %s: removed %d uncommitted file(s) left by crashed or retried writers", run_id,
+                        len(stray))
+        return len(stray)
+
+
+@dataclass(frozen=True)
+class ShardLog:
+    """Lets read tasks record each shard's row count under a run (see :meth:`OutputStore.mark_shard`)."""
+
+    uri: str
+    storage: StorageOptions
+    run_id: str
+
+    def record(self, shard: str, rows: int) -> None:
+        OutputStore(self.uri, self.storage).mark_shard(self.run_id, shard, rows)
 
 
 class RunSink(Datasink[WriteStats]):
-    """A Ray Data sink writing the annotations schema under ``runs/RUN_ID/``, each file atomically."""
+    """A Ray Data sink writing the annotations schema under ``runs/RUN_ID/``, each file atomically.
 
-    def __init__(self, store: OutputStore, run_id: str, rows_per_file: int, schema: pa.Schema):
+    The files a write task returns are the invocation's committed files (``stats``); a task attempt that
+    failed after committing some files is retried, and its files are left out of the manifest.
+    """
+
+    def __init__(self, store: OutputStore, run_id: str, attempt: int, rows_per_file: int, schema: pa.Schema):
         self.store = store
         self.run_id = run_id
+        self.attempt = attempt
         self.rows_per_file = rows_per_file
         self.schema = schema
         self.stats = WriteStats()
@@ -163,10 +286,9 @@ class RunSink(Datasink[WriteStats]):
             part = table.slice(start, self.rows_per_file)
             buf = io.BytesIO()
             pq.write_table(part, buf, compression="zstd")
-            path = posixpath.join(self.store.run_path(self.run_id), f"part-{uuid.uuid4().hex}.parquet")
+            path = self.store.run_path(self.run_id, f"part-a{self.attempt}-{uuid.uuid4().hex}.parquet")
             self.store.write_bytes(path, buf.getvalue())
-            stats.rows += part.num_rows
-            stats.files.append(path)
+            stats.files[path] = part.num_rows
         return stats
 
     def on_write_complete(self, write_result) -> None:

@@ -18,6 +18,7 @@ import pyarrow as pa
 from paligemma_batch.config import InputConfig, JobConfig, TaskConfig
 from paligemma_batch.images import ImageDecodeError, decode_image
 from paligemma_batch.schema import ANNOTATIONS
+from paligemma_batch.sink import ShardLog, row_key
 from paligemma_batch.sources import iter_rows, row_to_dict
 
 SOURCE_SCHEMA = pa.schema(
@@ -52,15 +53,25 @@ def wanted_fields(tasks: list[TaskConfig]) -> list[str]:
     return sorted({t.question_key for t in tasks if t.question_key})
 
 
-def read_shards(batch: pa.Table, input_cfg: InputConfig, fields: list[str]) -> Iterator[pa.Table]:
-    """Ray stage: shard URIs → source rows, streamed in blocks of at most ``READ_ROWS_PER_BLOCK`` rows."""
+def read_shards(
+    batch: pa.Table, input_cfg: InputConfig, fields: list[str], shard_log: ShardLog | None = None
+) -> Iterator[pa.Table]:
+    """Ray stage: shard URIs → source rows, streamed in blocks of at most ``READ_ROWS_PER_BLOCK`` rows.
+
+    With a ``shard_log``, each shard read to its end records how many rows it yielded, so that a resumed
+    run can tell finished shards from unfinished ones without reading them again.
+    """
     rows: list[dict] = []
     for uri in batch["shard_uri"].to_pylist():
+        count = 0
         for row in iter_rows(uri, input_cfg, fields):
+            count += 1
             rows.append(row_to_dict(row))
             if len(rows) >= READ_ROWS_PER_BLOCK:
                 yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
                 rows = []
+        if shard_log is not None:
+            shard_log.record(uri, count)
     if rows:
         yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 
@@ -73,7 +84,7 @@ class PreprocessPlan:
     processor_blob: bytes  # the pickled processor (tokenizer + image processor)
     max_image_pixels: int
     jpeg_draft: bool
-    done_keys: frozenset[str] = field(default_factory=frozenset)  # "image_id\ttask" already committed
+    done_keys: frozenset[str] = field(default_factory=frozenset)  # row keys (sink.row_key) already committed
 
     @classmethod
     def create(cls, config: JobConfig, processor, done_keys: set[str] | None = None) -> PreprocessPlan:
@@ -106,7 +117,7 @@ def preprocess(batch: pa.Table, plan: PreprocessPlan) -> pa.Table:
     resample = processor.image_processor.resample
     out = []
     for row in batch.to_pylist():
-        todo = [t for t in plan.tasks if f"{row['image_id']}\t{t.output_name}" not in plan.done_keys]
+        todo = [t for t in plan.tasks if row_key(row["image_id"], t.output_name) not in plan.done_keys]
         if not todo:
             continue
         prepared = {
