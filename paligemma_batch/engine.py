@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from paligemma_batch.images import normalize
 
@@ -40,14 +41,30 @@ def model_input_size(processor) -> tuple[int, int]:
     return int(size["height"]), int(size["width"])
 
 
-class Engine:
-    """Wraps a loaded model and its processor for batched greedy generation."""
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → left-padded ``input_ids`` and ``attention_mask`` (greedy output then matches batch size 1)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids) :] = 1
+    return input_ids, attention
 
-    def __init__(self, model, processor, max_new_tokens: int, min_new_tokens: int | None = None):
+
+class Engine:
+    """Wraps a loaded model and its processor for batched greedy generation.
+
+    ``cache_implementation`` is passed to ``generate`` ("static" also compiles the decode step on GPU).
+    """
+
+    def __init__(self, model, processor, max_new_tokens: int, min_new_tokens: int | None = None,
+                 cache_implementation: str | None = None):
         self.model = model
         self.processor = processor
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
+        self.cache_implementation = cache_implementation
         self.pad_id = processor.tokenizer.pad_token_id
         self.eos_id = processor.tokenizer.eos_token_id
         ip = processor.image_processor
@@ -62,33 +79,34 @@ class Engine:
         return torch.from_numpy(x).to(self.device, self.pixel_dtype)
 
     @torch.inference_mode()
-    def image_features(self, pixels: list[np.ndarray]):
-        """One vision-tower + projector pass for each image."""
-        return self.model.model.get_image_features(self.pixel_values(pixels))
+    def image_features(self, pixels: list[np.ndarray]) -> torch.Tensor:
+        """One vision-tower + projector pass per image: [images, image tokens, text hidden size]."""
+        return self.model.model.get_image_features(self.pixel_values(pixels)).pooler_output
 
     @torch.inference_mode()
     def generate(self, pixels: list[np.ndarray], requests: list[Request]) -> list[Generated]:
         """Greedy generation for every request; the vision tower runs once per image, not once per request."""
         if not requests:
             return []
-        features = self.image_features(pixels)
-        index = torch.tensor([r.image_index for r in requests], device=features.pooler_output.device)
-        features.pooler_output = features.pooler_output.index_select(0, index)
-        features.last_hidden_state = None
+        return self.generate_from_features(self.image_features(pixels), requests)
 
-        width = max(len(r.input_ids) for r in requests)
-        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(requests), width), dtype=torch.long)
-        for row, r in enumerate(requests):
-            input_ids[row, width - len(r.input_ids) :] = torch.tensor(r.input_ids)
-            attention[row, width - len(r.input_ids) :] = 1
+    @torch.inference_mode()
+    def generate_from_features(self, features: torch.Tensor, requests: list[Request]) -> list[Generated]:
+        """Greedy generation on precomputed :meth:`image_features`; ``features`` is left unchanged."""
+        if not requests:
+            return []
+        index = torch.tensor([r.image_index for r in requests], device=features.device)
+        encoded = BaseModelOutputWithPooling(pooler_output=features.index_select(0, index))
+        input_ids, attention = left_pad([r.input_ids for r in requests], self.pad_id)
+        width = input_ids.shape[1]
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
             token_type_ids=torch.zeros_like(input_ids).to(self.device),
-            mm_encoder_outputs={"image": features},
+            mm_encoder_outputs={"image": encoded},
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=self.min_new_tokens,
+            cache_implementation=self.cache_implementation,
             do_sample=False,
             num_beams=1,
             pad_token_id=self.pad_id,

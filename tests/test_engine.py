@@ -1,0 +1,140 @@
+"""The engine against the processor and ``model.generate``: same inputs, same tokens, batched or not."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from paligemma_batch.engine import Engine, Request, left_pad, model_input_size, prompt_ids
+from paligemma_batch.images import decode_image
+
+# Prompts of different lengths, so left padding is exercised.
+PROMPTS = ["caption en", "detect circle ; square ; triangle", "answer en what color is the big shape on the left?",
+           "ocr"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor.tokenizer.padding_side = "left"
+    model = PaliGemmaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, processor
+
+
+def _png(seed: int, size: tuple[int, int]) -> bytes:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(coarse).resize(size, Image.Resampling.BILINEAR).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(loaded) -> list[bytes]:
+    return [_png(seed, size) for seed, size in enumerate([(90, 130), (64, 64), (300, 120)])]
+
+
+def _pixels(processor, data: bytes) -> np.ndarray:
+    return decode_image(data, model_input_size(processor), processor.image_processor.resample, draft=False).pixels
+
+
+def test_prompt_ids_and_pixel_values_match_the_processor(loaded, images):
+    model, processor = loaded
+    engine = Engine(model, processor, max_new_tokens=4)
+    for data in images:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        for prompt in PROMPTS:
+            expected = processor(text=prompt, images=image, return_tensors="pt")
+            assert prompt_ids(processor, prompt) == expected["input_ids"][0].tolist()
+        ours = engine.pixel_values([_pixels(processor, data)])
+        torch.testing.assert_close(ours, expected["pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_left_pad_aligns_sequences_on_the_right():
+    ids, attention = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert attention.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_batched_generation_equals_batch_size_one_token_for_token(loaded, images):
+    model, processor = loaded
+    engine = Engine(model, processor, max_new_tokens=12)
+    pixels = [_pixels(processor, data) for data in images]
+    requests = [Request(i, prompt_ids(processor, p)) for i in range(len(pixels)) for p in PROMPTS]
+    batched = engine.generate(pixels, requests)
+    single = [engine.generate([pixels[r.image_index]], [Request(0, r.input_ids)])[0] for r in requests]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert [g.text for g in batched] == [g.text for g in single]
+    # A random model's rows differ from one another, so the comparison above is not between constants.
+    assert len({tuple(g.token_ids) for g in batched}) > len(requests) // 2
+
+
+def test_vision_once_equals_plain_generate_on_processor_inputs(loaded, images):
+    model, processor = loaded
+    engine = Engine(model, processor, max_new_tokens=12)
+    pairs = [(i, p) for i in range(len(images)) for p in PROMPTS]
+    ours = engine.generate([_pixels(processor, data) for data in images],
+                           [Request(i, prompt_ids(processor, p)) for i, p in pairs])
+    for (i, prompt), got in zip(pairs, ours):
+        image = Image.open(io.BytesIO(images[i])).convert("RGB")
+        inputs = processor(text=prompt, images=image, return_tensors="pt")
+        inputs.pop("labels", None)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        assert got.token_ids == out[0, inputs["input_ids"].shape[1]:].tolist()
+        assert got.num_input_tokens == inputs["input_ids"].shape[1]
+
+
+def test_generate_from_features_on_any_subset_matches_the_whole_batch(loaded, images):
+    model, processor = loaded
+    engine = Engine(model, processor, max_new_tokens=10)
+    pixels = [_pixels(processor, data) for data in images]
+    requests = [Request(i, prompt_ids(processor, p)) for i in range(len(pixels)) for p in PROMPTS]
+    features = engine.image_features(pixels)
+    before = features.clone()
+    whole = engine.generate(pixels, requests)
+    short, long = requests[::2], requests[1::2]
+    parts = engine.generate_from_features(features, long) + engine.generate_from_features(features, short)
+    by_request = {id(r): g for r, g in zip(long + short, parts)}
+    assert [by_request[id(r)].token_ids for r in requests] == [g.token_ids for g in whole]
+    torch.testing.assert_close(features, before, atol=0, rtol=0)
+
+
+def test_min_new_tokens_forces_the_length(loaded, images):
+    model, processor = loaded
+    eos = processor.tokenizer.eos_token_id
+
+    def eos_first(module, inputs, logits):  # make end-of-sequence the likeliest token at every step
+        logits = logits.clone()
+        logits[..., eos] = logits.max() + 100.0
+        return logits
+
+    pixels, request = [_pixels(processor, images[0])], [Request(0, prompt_ids(processor, "caption en"))]
+    hook = model.lm_head.register_forward_hook(eos_first)
+    try:
+        free = Engine(model, processor, max_new_tokens=9).generate(pixels, request)
+        forced = Engine(model, processor, max_new_tokens=9, min_new_tokens=9).generate(pixels, request)
+    finally:
+        hook.remove()
+    assert free[0].token_ids == [eos] and free[0].num_output_tokens == 1
+    assert forced[0].num_output_tokens == 9 and eos not in forced[0].token_ids
+
+
+def test_static_cache_gives_the_same_tokens(loaded, images):
+    model, processor = loaded
+    pixels = [_pixels(processor, data) for data in images]
+    requests = [Request(i, prompt_ids(processor, p)) for i in range(len(pixels)) for p in PROMPTS[:2]]
+    dynamic = Engine(model, processor, max_new_tokens=8).generate(pixels, requests)
+    static = Engine(model, processor, max_new_tokens=8, cache_implementation="static").generate(pixels, requests)
+    assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
+
+
+def test_no_requests_generate_nothing(loaded):
+    model, processor = loaded
+    assert Engine(model, processor, max_new_tokens=4).generate([], []) == []
