@@ -15,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from typer.testing import CliRunner
 
 from paligemma_batch.cli import app
+from paligemma_batch.config import StorageOptions
 from paligemma_batch.export import object_tasks, row_objects, to_coco, to_supervision
 from paligemma_batch.fixtures.scenes import SHAPES
 from paligemma_batch.masks import decode_rle
@@ -193,7 +194,7 @@ def test_coco_recall_equals_evaluate_on_the_fixture_model(tmp_path):
     if not (ev.FIXTURE_MODEL / "config.json").exists():
         pytest.skip(f"the trained fixture model is not in {ev.FIXTURE_MODEL} yet")
     metrics = ev.evaluate(images=16, shards=str(tmp_path / "shards"), output=str(tmp_path / "out"))
-    truth = ev.read_ground_truth(sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")), ev.StorageOptions())
+    truth = ev.read_ground_truth(sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")), StorageOptions())
     coco = to_coco(read_results(str(tmp_path / "out")), tasks=["detect"], categories=SHAPES)
     gt = coco_of(ground_truth(truth, {i["file_name"]: i["id"] for i in coco["images"]}), tmp_path, "gt.json")
     assert pooled_recall50(gt, coco_of(coco, tmp_path, "dt.json")) == pytest.approx(metrics.det_recall50)
