@@ -67,11 +67,15 @@ def _area(rle: dict) -> int:
 
 def write_output(uri: str, rows: list[dict], run_id: str = "20260101T000000Z-truth", status: str = "finished",
                  storage: StorageOptions | None = None) -> None:
-    """An output root in the sink's layout: the rows as one committed Parquet file, the run in the index."""
+    """An output root in the sink's layout: the rows as one committed Parquet file, the run in the index (and,
+    once finished, its manifest)."""
     store = OutputStore(uri, storage or StorageOptions())
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist([{**r, "run_id": run_id} for r in rows], schema=ANNOTATIONS), buf)
-    store.write_bytes(store.path("runs", run_id, "part-00000.parquet"), buf.getvalue())
+    part = store.run_path(run_id, "part-a1-00000.parquet")
+    store.write_bytes(part, buf.getvalue())
+    if status == "finished":
+        store.finish_run(run_id, {part: len(rows)})
     shards = sorted({r["source_uri"] for r in rows})
     store.upsert_run(RunRecord(run_id, status, "truth", now_iso(), shards,
                                now_iso() if status == "finished" else None, len(rows)))
