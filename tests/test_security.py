@@ -144,10 +144,10 @@ def test_credentials_never_reach_logs_outputs_or_the_run_index(tmp_path, s3_buck
         done = subprocess.run([CLI, "run", str(config_path), *sets], env=env, capture_output=True, text=True,
                               timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
-        leaks = [f"stdout/stderr"] if SECRET in done.stdout + done.stderr or ACCESS_KEY in done.stdout + done.stderr \
-            else []
+        console = done.stdout + done.stderr
+        leaks = ["stdout/stderr"] if SECRET in console or ACCESS_KEY in console else []
         ray_files = [p for p in Path(ray_tmp).rglob("*") if p.is_file() and not p.is_symlink()]
-        leaks += [str(p) for p in ray_files if SECRET.encode() in p.read_bytes() or ACCESS_KEY.encode() in p.read_bytes()]
+        leaks += [str(p) for p in ray_files if any(s.encode() in p.read_bytes() for s in (SECRET, ACCESS_KEY))]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     objects = fs.find(f"{bucket}/out")
@@ -157,7 +157,7 @@ def test_credentials_never_reach_logs_outputs_or_the_run_index(tmp_path, s3_buck
         text = _parquet_text(data) if path in parts else data.decode()
         if SECRET in text or ACCESS_KEY in text or SECRET.encode() in data:
             leaks.append(path)
-    print(f"searched stdout+stderr ({len(done.stdout) + len(done.stderr)} chars), {len(ray_files)} Ray log/session "
+    print(f"searched stdout+stderr ({len(console)} chars), {len(ray_files)} Ray log/session "
           f"files and {len(objects)} output objects ({len(parts)} Parquet): leaks {leaks}")
     assert leaks == []
     assert {"_RUNS.json", "_SUMMARY.json"} <= {o.rsplit("/", 1)[-1] for o in objects} and parts
