@@ -20,7 +20,7 @@ Precision = Literal["float32", "bfloat16", "float16", "int8", "int4"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class StorageOptions(_Strict):
