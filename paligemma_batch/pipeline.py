@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from paligemma_batch.config import ConfigError, JobConfig
-from paligemma_batch.model import ModelSourceError, classify_source
+from paligemma_batch.model import source_problems
 from paligemma_batch.sink import (
     OutputStore,
     RunRecord,
@@ -93,20 +93,17 @@ def _check_output(config: JobConfig) -> list[str]:
 
 
 def _check_model(config: JobConfig) -> list[str]:
-    try:
-        source = classify_source(config.model.source)
-    except ModelSourceError as err:
-        return [f"model.source: {err}"]
-    if source.kind == "local" and not (Path(source.location) / "config.json").exists():
-        return [f"model.source: {source.location} holds no config.json"]
-    if source.kind != "hub" and config.model.revision:
-        return ["model.revision: applies to hub ids only"]
-    if config.model.precision in ("int8", "int4"):
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            return [f"model.precision: {config.model.precision} needs bitsandbytes (pip install bitsandbytes)"]
-    return []
+    """The model source, and whether its precision and GPU count can run as configured."""
+    import importlib.util
+
+    model, inf = config.model, config.inference
+    problems = source_problems(model, config.model_storage)
+    if model.precision in ("int8", "int4") and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"model.precision: {model.precision} needs bitsandbytes (pip install bitsandbytes)")
+    if inf.num_gpus > 1 and inf.num_gpus != int(inf.num_gpus):
+        problems.append(f"inference.num_gpus: {inf.num_gpus:g} can't be placed; Ray shares a GPU only in "
+                        "fractions of one, so above 1 use a whole number")
+    return problems
 
 
 def cluster_resources(config: JobConfig) -> dict[str, float]:
