@@ -288,7 +288,8 @@ def _frame(card: Card, colors: dict[str, str]) -> str:
         parts.append(f'<img class="masks" width="{size[0]}" height="{size[1]}" alt="" '
                      f'src="{_data_uri(overlay, "PNG")}">')
     if objects:
-        parts.append(_svg_boxes(objects, colors, (size[0] / width, size[1] / height), size))
+        boxes = list({(o.label, o.box_xyxy): o for o in objects}.values())  # detect and segment rows may agree
+        parts.append(_svg_boxes(boxes, colors, (size[0] / width, size[1] / height), size))
     return f'<div class="frame">{"".join(parts)}</div>'
 
 
