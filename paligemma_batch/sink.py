@@ -237,6 +237,7 @@ class OutputStore:
         })
         stray = [p for p in self._listing(RUNS_DIR, run_id)
                  if posixpath.basename(p).startswith((".tmp-", "part-")) and p not in files]
+        stray += [p for p in self._listing(RUNS_DIR, run_id, SHARDS_DIR) if posixpath.basename(p).startswith(".tmp-")]
         for path in stray:
             try:
                 self.fs.rm_file(path)
