@@ -98,21 +98,23 @@ def source_problems(cfg: ModelConfig, storage: StorageOptions) -> list[str]:
     if source.kind != "hub" and cfg.revision:
         return ["model.revision: applies to hub ids only"]
     try:
-        if source.kind == "hub":
-            folder = _offline_hub_folder(source.location, cfg.revision)
-            if folder is None:
-                return []
-            fs, root = fsspec.filesystem("file"), str(folder)
-        elif source.kind == "local":
-            fs, root = fsspec.filesystem("file"), source.location
-        else:
+        if source.kind == "fsspec":
             from paligemma_batch.sources import filesystem
 
             fs, root = filesystem(source.location, storage)
-        problem = checkpoint_problem(_listing(fs, root)) or model_type_problem(fs.cat_file(f"{root}/config.json"))
+            names = _listing(fs, root)
+            config_json = fs.cat_file(f"{root}/config.json") if "config.json" in names else b"{}"
+        else:
+            folder = (Path(source.location) if source.kind == "local"
+                      else _offline_hub_folder(source.location, cfg.revision))
+            if folder is None:
+                return []
+            names = _local_files(folder)
+            config_json = (folder / "config.json").read_bytes() if "config.json" in names else b"{}"
+        problem = checkpoint_problem(names) or model_type_problem(config_json)
     except ModelSourceError as err:
         return [f"model.source: {err}"]
-    except (OSError, ValueError) as err:
+    except Exception as err:  # any storage client error (credentials, endpoint, permissions) is a config problem
         return [f"model.source: cannot read {cfg.source}: {type(err).__name__}: {err}"]
     return [f"model.source: {cfg.source} {problem}"] if problem else []
 
@@ -129,6 +131,11 @@ def _offline_hub_folder(repo_id: str, revision: str | None) -> Path | None:
         raise ModelSourceError(f"{repo_id}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                                "HF_HUB_OFFLINE forbids downloading it")
     return Path(cached).parent
+
+
+def _local_files(folder: Path) -> list[str]:
+    """The files of a local folder, symlinks (as in the hub cache) followed."""
+    return [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
 
 
 def _listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, tuple[int, str | None]]:
@@ -160,7 +167,8 @@ def _is_complete(folder: Path, listing: dict[str, tuple[int, str | None]]) -> bo
     )
 
 
-def materialize(uri: str, storage: StorageOptions, cache_dir: str | Path | None = None, processor_only: bool = False) -> Path:
+def materialize(uri: str, storage: StorageOptions, cache_dir: str | Path | None = None,
+                processor_only: bool = False) -> Path:
     """Copy the checkpoint folder at ``uri`` into the node-local cache once and return the local folder.
 
     Concurrent callers on a node (several actors) serialize on a file lock; the first downloads into a
@@ -197,14 +205,13 @@ def materialize(uri: str, storage: StorageOptions, cache_dir: str | Path | None 
         tmp = cache / f"{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir()
+            fetch = [name for name in wanted if not (reuse_processor and name in processor_listing)]
+            for name in set(wanted) - set(fetch):
+                shutil.copyfile(processor / name, tmp / name)
+            fs.get([f"{root}/{name}" for name in fetch], [str(tmp / name) for name in fetch])  # concurrent on buckets
             for name, (size, _) in wanted.items():
-                local = tmp / name
-                if reuse_processor and name in processor_listing:
-                    shutil.copyfile(processor / name, local)
-                else:
-                    fs.get_file(f"{root}/{name}", str(local))
-                if local.stat().st_size != size:
-                    raise OSError(f"{uri}/{name}: downloaded {local.stat().st_size} bytes, expected {size}")
+                if (tmp / name).stat().st_size != size:
+                    raise OSError(f"{uri}/{name}: downloaded {(tmp / name).stat().st_size} bytes, expected {size}")
             (tmp / COMPLETE_MARKER).write_text(uri)
             if target.exists():
                 shutil.rmtree(target)
@@ -220,7 +227,7 @@ def local_folder(cfg: ModelConfig, storage: StorageOptions, processor_only: bool
     if source.kind == "fsspec":
         return str(materialize(source.location, storage, cfg.cache_dir, processor_only))
     if source.kind == "local" and not processor_only:
-        problem = checkpoint_problem(p.name for p in Path(source.location).glob("*") if p.is_file())
+        problem = checkpoint_problem(_local_files(Path(source.location)))
         if problem:
             raise ModelSourceError(f"{source.location} {problem}")
     return source.location

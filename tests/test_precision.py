@@ -6,6 +6,7 @@ float32 there; the trained shapes fixture, when present, makes the agreement fig
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,28 @@ def test_job_end_to_end_in_each_precision(precision, job_rows):
     assert {(r["image_id"], r["task"]) for r in rows} == set(texts)
     same = np.mean([r["text"] == texts[(r["image_id"], r["task"])] for r in rows])
     print(f"\nend to end, {precision}: identical text to float32 on {same:.2f} of {len(rows)} rows")
+
+
+def test_int4_on_cpu_keeps_unpackable_layers_unquantized(tmp_path, tiny_model_dir, scene_shards):
+    """SigLIP-So400m's MLP is 4304 wide, which bitsandbytes' CPU 4-bit kernel can't pack (blocks of 32 outputs,
+    64 inputs): such Linears stay unquantized, so a real PaliGemma runs in int4 on the CPU."""
+    import bitsandbytes as bnb
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    folder = tmp_path / "siglip-like-mlp"
+    shutil.copytree(tiny_model_dir, folder)
+    config = PaliGemmaConfig.from_pretrained(folder)
+    config.vision_config.intermediate_size = 100  # like 4304: neither a multiple of 32 nor of 64
+    torch.manual_seed(0)
+    PaliGemmaForConditionalGeneration(config).save_pretrained(folder)
+
+    cfg = ModelConfig(source=str(folder), precision="int4")
+    processor, model = load_processor(cfg, StorageOptions()), load_model(cfg, StorageOptions())
+    mlp = model.model.vision_tower.encoder.layers[0].mlp
+    assert type(mlp.fc1) is torch.nn.Linear and type(mlp.fc2) is torch.nn.Linear
+    assert isinstance(model.model.vision_tower.encoder.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert isinstance(model.model.language_model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    pixels = _scene_pixels(scene_shards[0], model_input_size(processor))
+    generated = Engine(model, processor, max_new_tokens=3).generate(
+        pixels, [Request(i, prompt_ids(processor, "caption en")) for i in range(len(pixels))])
+    assert len(generated) == len(pixels) and all(g.num_output_tokens >= 1 for g in generated)
