@@ -235,7 +235,7 @@ def build(config: JobConfig, plan: RunPlan, processor):
             "input_cfg": config.input,
             "fields": wanted_fields(config.tasks),
             "shard_log": None if config.input.format == "images" else ShardLog(
-                config.output.uri, config.output_storage, plan.run_id
+                OutputStore(config.output.uri, config.output_storage), plan.run_id
             ),
         },
     )

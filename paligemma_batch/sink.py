@@ -230,13 +230,21 @@ class OutputStore:
 
     def finish_run(self, run_id: str, files: dict[str, int]) -> int:
         """Commit the run's output as exactly ``files`` (path -> rows) and remove every other part or
-        temporary file from its folder; return how many were removed."""
+        temporary file from its folder; return how many were removed.
+
+        Raises FileNotFoundError, committing nothing, when one of ``files`` is gone: only another job writing to
+        the same output (which this design does not allow) removes committed files.
+        """
+        listed = self._listing(RUNS_DIR, run_id)
+        missing = sorted(set(files) - set(listed))
+        if missing:
+            raise FileNotFoundError(f"run {run_id}: {len(missing)} committed part file(s) vanished, e.g. {missing[0]}; "
+                                    f"is another job writing to {self.uri}?")
         self.write_json(self.run_path(run_id, MANIFEST_FILE), {
             "files": [{"name": posixpath.basename(p), "rows": n} for p, n in sorted(files.items())],
             "rows": sum(files.values()),
         })
-        stray = [p for p in self._listing(RUNS_DIR, run_id)
-                 if posixpath.basename(p).startswith((".tmp-", "part-")) and p not in files]
+        stray = [p for p in listed if posixpath.basename(p).startswith((".tmp-", "part-")) and p not in files]
         stray += [p for p in self._listing(RUNS_DIR, run_id, SHARDS_DIR) if posixpath.basename(p).startswith(".tmp-")]
         for path in stray:
             try:
@@ -253,12 +261,11 @@ class OutputStore:
 class ShardLog:
     """Lets read tasks record each shard's row count under a run (see :meth:`OutputStore.mark_shard`)."""
 
-    uri: str
-    storage: StorageOptions
+    store: OutputStore  # shipped whole: its root is already resolved against the driver's working directory
     run_id: str
 
     def record(self, shard: str, rows: int) -> None:
-        OutputStore(self.uri, self.storage).mark_shard(self.run_id, shard, rows)
+        self.store.mark_shard(self.run_id, shard, rows)
 
 
 class RunSink(Datasink[WriteStats]):

@@ -70,6 +70,9 @@ def test_progress_and_manifest_keep_each_key_exactly_once(store):
     # after attempt 2 listed the committed keys: the race that would duplicate rows.
     orphan = commit(store, "part-a1-3.parquet", rows(b, range(2, 3)))
     redo = commit(store, "part-a2-0.parquet", rows(b, range(2, 4)))
+    with pytest.raises(FileNotFoundError, match="1 committed part file\\(s\\) vanished"):
+        store.finish_run(RUN, {**progress.files, redo: 2, store.run_path(RUN, "part-a2-gone.parquet"): 1})
+    assert store.manifest(RUN) is None
     removed = store.finish_run(RUN, {**progress.files, redo: 2})
 
     committed = store.read_run(RUN)
@@ -87,7 +90,7 @@ def test_progress_and_manifest_keep_each_key_exactly_once(store):
 
 
 def test_shard_log_records_row_counts(store):
-    log = ShardLog(store.uri, store.storage, RUN)
+    log = ShardLog(store, RUN)
     log.record("s3://in/shards/0000.tar", 5)
     log.record("s3://in/shards/ünïcode key.tar", 0)
     log.record("s3://in/shards/0000.tar", 5)  # a retried read rewrites the same marker
