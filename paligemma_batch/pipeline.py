@@ -208,6 +208,11 @@ def _init_ray(config: JobConfig) -> bool:
     return True
 
 
+def _unfused() -> dict:
+    """A ``ray_remote_args_fn`` adding nothing: Ray Data never fuses an operator that has one."""
+    return {}
+
+
 def build(config: JobConfig, plan: RunPlan, processor):
     """The Ray Dataset: shards → read → preprocess (CPU tasks) → PaliGemma (actor pool) → annotated rows."""
     import ray
@@ -238,6 +243,9 @@ def build(config: JobConfig, plan: RunPlan, processor):
                 OutputStore(config.output.uri, config.output_storage), plan.run_id
             ),
         },
+        # Fused into the stages below, Ray would apply their batch_size to shard rows and read up to 32 shards
+        # one after another in one task; apart, each shard is its own read task, running while actors start.
+        ray_remote_args_fn=_unfused,
     )
     ds = ds.map_batches(
         preprocess,
