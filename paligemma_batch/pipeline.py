@@ -208,15 +208,10 @@ def _init_ray(config: JobConfig) -> bool:
     return True
 
 
-def _unfused() -> dict:
-    """A ``ray_remote_args_fn`` adding nothing: Ray Data never fuses an operator that has one."""
-    return {}
-
-
 def build(config: JobConfig, plan: RunPlan, processor):
     """The Ray Dataset: shards → read → preprocess (CPU tasks) → PaliGemma (actor pool) → annotated rows."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     from paligemma_batch.stages import InferenceStage, PreprocessPlan, preprocess, read_shards, wanted_fields
 
@@ -243,9 +238,10 @@ def build(config: JobConfig, plan: RunPlan, processor):
                 OutputStore(config.output.uri, config.output_storage), plan.run_id
             ),
         },
-        # Fused into the stages below, Ray would apply their batch_size to shard rows and read up to 32 shards
-        # one after another in one task; apart, each shard is its own read task, running while actors start.
-        ray_remote_args_fn=_unfused,
+        # A sized pool (no real cap: one task per shard at most) keeps the read out of Ray's operator fusion.
+        # Fused into the stages below, their batch_size would count shard rows: up to 32 shards read one after
+        # another in one task. Apart, each shard is its own read task, running while the actors start.
+        compute=TaskPoolStrategy(size=max(1, len(plan.shards))),
     )
     ds = ds.map_batches(
         preprocess,
