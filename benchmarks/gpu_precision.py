@@ -1,9 +1,9 @@
 """Tokens/s and GPU memory of each precision on the full-size PaliGemma-3B-224 architecture (random weights).
 
-One prepared GPU run (estimated 3-4 minutes on an H100; not yet run on one): build SigLIP-So400m/14 + Gemma-2B with random
-bf16 weights (nothing is downloaded), save them once, then load that folder through the pipeline's own
-``load_model`` in float32, bfloat16, float16, int8 and int4 (nf4) and time ``Engine.generate`` on one fixed
-batch. Every prompt gets exactly ``--new-tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``), so every
+One prepared GPU run (estimated at 3-4 minutes on an H100; not yet run on one): build SigLIP-So400m/14 +
+Gemma-2B with random bf16 weights (nothing is downloaded), save them once, then load that folder through the
+pipeline's own ``load_model`` in float32, bfloat16, float16, int8 and int4 (nf4) and time ``Engine.generate``
+on one fixed batch. Every prompt gets exactly ``--new-tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``), so every
 precision does the same work. Rows print as they finish; a JSON line with every figure comes last.
 
     .venv/bin/python benchmarks/gpu_precision.py            # on a GPU machine
