@@ -3,8 +3,8 @@
 One prepared GPU run (estimated at 3-4 minutes on an H100; not yet run on one): build SigLIP-So400m/14 +
 Gemma-2B with random bf16 weights (nothing is downloaded), save them once, then load that folder through the
 pipeline's own ``load_model`` in float32, bfloat16, float16, int8 and int4 (nf4) and time ``Engine.generate``
-on one fixed batch. Every prompt gets exactly ``--new-tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``), so every
-precision does the same work. Rows print as they finish; a JSON line with every figure comes last.
+on one fixed batch. Every prompt gets exactly ``--new-tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``),
+so every precision does the same work. Rows print as they finish; a JSON line with every figure comes last.
 
     .venv/bin/python benchmarks/gpu_precision.py            # on a GPU machine
     .venv/bin/python benchmarks/gpu_precision.py --tiny     # checks the script on CPU with the tiny model
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{device}: checkpoint built and saved in {time.perf_counter() - t0:.1f} s; batch {batch} images x "
           f"1 prompt, {new_tokens} new tokens each, {args.repeats} timed calls per precision", flush=True)
 
-    header = f"{'precision':10s} {'load s':>7s} {'weights GiB':>12s} {'peak GiB':>9s} {'tokens/s':>9s} {'img/s':>7s} {'ms/batch':>9s}"
-    print(header, flush=True)
+    print(f"{'precision':10s} {'load s':>7s} {'weights GiB':>12s} {'peak GiB':>9s} {'tokens/s':>9s} {'img/s':>7s} "
+          f"{'ms/batch':>9s}", flush=True)
     rows = []
     for precision in args.precisions.split(","):
         try:

@@ -286,7 +286,8 @@ def cpu_int4_skips(model_config) -> list[str] | None:
 
 
 def quantization_config(precision: str, on_gpu: bool, model_config=None):
-    """bitsandbytes settings for int8/int4 (nf4), else None. ``model_config`` lets int4 on CPU skip what it can't pack."""
+    """bitsandbytes settings for int8/int4 (nf4), else None; ``model_config`` lets int4 on CPU skip what it
+    can't pack."""
     if precision not in ("int8", "int4"):
         return None
     try:
