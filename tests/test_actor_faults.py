@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,12 @@ def _inference_actors() -> dict[str, dict]:
 
     job = ray.get_runtime_context().get_job_id()
     return {aid: a for aid, a in state.actors().items() if "InferenceStage" in a["ActorClassName"] and a["JobID"] == job}
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU time a process has used, in clock ticks (1/100 s)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def _run_in_thread(config) -> tuple[threading.Thread, dict]:
@@ -57,14 +64,22 @@ def test_actor_killed_mid_batch_is_restarted_without_losing_or_duplicating_rows(
     before = set(_inference_actors())
     thread, outcome = _run_in_thread(config)
 
-    # The first shard's row count is recorded by the actor's read stage just before its rows go through the
-    # model: kill the actor right then, mid-task, with five shards still to go.
+    # Kill the actor mid-batch: once it has loaded the model, shards have been read, and it is computing (an
+    # actor waiting for input burns no CPU), with most of the 24 images still to go.
     deadline = time.monotonic() + 180
-    while not list(out.glob("runs/*/_shards/*.json")):
-        assert thread.is_alive(), outcome
-        assert time.monotonic() < deadline, "the job never read a shard"
-        time.sleep(0.02)
-    [(actor_id, actor)] = [(a, info) for a, info in _inference_actors().items() if a not in before]
+
+    def wait_for(condition, what):
+        while not condition():
+            assert thread.is_alive(), outcome
+            assert time.monotonic() < deadline, f"never happened: {what}"
+            time.sleep(0.02)
+
+    wait_for(lambda: list(out.glob("runs/*/_shards/*.json")), "a shard read")
+    alive = lambda: [(a, i) for a, i in _inference_actors().items() if a not in before and i["State"] == "ALIVE"]  # noqa: E731
+    wait_for(alive, "the actor loaded the model")
+    [(actor_id, actor)] = alive()
+    ticks = _cpu_ticks(actor["Pid"])
+    wait_for(lambda: _cpu_ticks(actor["Pid"]) >= ticks + 20, "the actor computing")
     os.kill(actor["Pid"], signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive() and "error" not in outcome, outcome
