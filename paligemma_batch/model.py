@@ -76,6 +76,10 @@ def checkpoint_problem(names) -> str | None:
         others = sorted(n for n in names if n.endswith(UNLOADED_WEIGHTS))
         found = f" (found {', '.join(others)})" if others else ""
         return f"holds no *.safetensors weights{found}; only safetensors are loaded, convert the checkpoint first"
+    if not names & {"processor_config.json", "preprocessor_config.json"}:
+        return "holds no processor_config.json or preprocessor_config.json"
+    if not names & {"tokenizer.json", "tokenizer.model"}:
+        return "holds no tokenizer.json or tokenizer.model"
     return None
 
 
@@ -226,7 +230,7 @@ def local_folder(cfg: ModelConfig, storage: StorageOptions, processor_only: bool
     source = classify_source(cfg.source)
     if source.kind == "fsspec":
         return str(materialize(source.location, storage, cfg.cache_dir, processor_only))
-    if source.kind == "local" and not processor_only:
+    if source.kind == "local":
         problem = checkpoint_problem(_local_files(Path(source.location)))
         if problem:
             raise ModelSourceError(f"{source.location} {problem}")

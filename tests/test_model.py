@@ -168,6 +168,13 @@ def test_source_problems_name_the_key(tmp_path, tiny_model_dir):
     assert source_problems(ModelConfig(source=str(tmp_path / "empty")), NO_STORAGE) == [
         f"model.source: {tmp_path / 'empty'} holds no config.json"
     ]
+    no_tokenizer = _copy_model(tiny_model_dir, tmp_path / "no-tokenizer")
+    (no_tokenizer / "tokenizer.json").unlink()
+    assert source_problems(ModelConfig(source=str(no_tokenizer)), NO_STORAGE) == [
+        f"model.source: {no_tokenizer} holds no tokenizer.json or tokenizer.model"
+    ]
+    with pytest.raises(ModelSourceError, match="holds no tokenizer.json or tokenizer.model"):
+        load_processor(ModelConfig(source=str(no_tokenizer)), NO_STORAGE)
     assert source_problems(ModelConfig(source=str(tiny_model_dir), revision="bfloat16"), NO_STORAGE) == [
         "model.revision: applies to hub ids only"
     ]
