@@ -137,14 +137,14 @@ class ModelConfig(_Strict):
         "bfloat16", description="float32, bfloat16, float16, int8 or int4 (bitsandbytes nf4)."
     )
     max_new_tokens: int = Field(64, ge=1, le=2048, description="Generation length limit per prompt.")
-    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel (a Gemma 2 decoder, which soft-caps, runs eager attention under sdpa).")
     mask_decoder: str | None = Field(
         None,
         description="Path or fsspec URI of the VQ-VAE mask decoder (vae-oid.npz). Without it, segment rows keep "
         "boxes and codes but no masks.",
     )
     cache_dir: str | None = Field(
-        None, description="Node-local cache for fsspec sources (default ~/.cache/paligemma_batch/models)."
+        None, description="Node-local cache for fsspec sources (default $PALIGEMMA_BATCH_CACHE or ~/.cache/paligemma_batch/models)."
     )
     storage_options: StorageOptions | None = Field(
         None, description="Credentials for an fsspec source; default: input.storage_options."
