@@ -16,6 +16,8 @@ import io
 import json
 import os
 import platform
+import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -95,6 +97,27 @@ def scene_shards(out_dir: Path, images: int, per_shard: int = 64, seed: int = 0)
 
     per_shard = min(per_shard, images)
     return write_scene_shards(out_dir, shards=-(-images // per_shard), per_shard=per_shard, seed=seed)
+
+
+def _write_scene_shard(job: tuple[str, int, int]) -> list[Path]:
+    out, seed, images = job
+    return scene_shards(Path(out), images, per_shard=images, seed=seed)
+
+
+def parallel_scene_shards(out_dir: Path, images: int, per_shard: int = 64) -> list[Path]:
+    """:func:`scene_shards` written by every core (one shard per job, each its own seed and folder); a
+    complete earlier set in ``out_dir`` is reused."""
+    import multiprocessing
+
+    jobs = [(str(out_dir / f"part-{i:05d}"), i, min(per_shard, images - i * per_shard))
+            for i in range(-(-images // per_shard))]
+    existing = sorted(out_dir.glob("part-*/*.tar"))
+    if len(existing) == len(jobs) and (out_dir / "_COMPLETE").exists():
+        return existing
+    with multiprocessing.get_context("spawn").Pool() as pool:
+        paths = sorted(p for paths in pool.map(_write_scene_shard, jobs) for p in paths)
+    (out_dir / "_COMPLETE").write_text(str(images))
+    return paths
 
 
 def small_jpeg_shards(out_dir: Path, images: int, per_shard: int = 500, side: int = 96, seed: int = 0) -> list[Path]:
@@ -277,6 +300,29 @@ def hand_loop(w: Workload, processor, model, out_path: Path, limit: int | None =
     return Timing(time.perf_counter() - t0, images, tokens)
 
 
+def cold_hand_loop(w: Workload, threads: int, out_path: Path) -> Timing:
+    """(b) as ``python my_loop.py`` runs it: a fresh process that imports torch and transformers, loads the
+    model, then runs :func:`hand_loop`; timed from process start to exit."""
+    spec = json.dumps({**w.__dict__, "model_dir": str(w.model_dir), "shards": [str(s) for s in w.shards]})
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, __file__, spec, str(threads), str(out_path)], check=True,
+                         capture_output=True, text=True).stdout
+    seconds = time.perf_counter() - t0
+    inner = json.loads(out.strip().splitlines()[-1])
+    return Timing(seconds, inner["images"], inner["output_tokens"], {"loop_s": inner["seconds"]})
+
+
+def _cold_hand_loop_main(spec: str, threads: str, out_path: str) -> None:
+    import torch
+
+    torch.set_num_threads(int(threads))
+    fields = json.loads(spec)
+    w = Workload(**{**fields, "model_dir": Path(fields["model_dir"]), "shards": [Path(s) for s in fields["shards"]]})
+    processor, model = load(w)
+    timing = hand_loop(w, processor, model, Path(out_path))
+    print(json.dumps({"images": timing.images, "output_tokens": timing.output_tokens, "seconds": timing.seconds}))
+
+
 def pick_loop_threads(w: Workload, processor, model, choices: list[int]) -> tuple[int, dict[int, float]]:
     """The torch thread count that runs one batch of (b) fastest; the baselines get their best setting.
 
@@ -421,3 +467,41 @@ def best_of(repeats: int, fn: Callable[[], Timing]) -> Timing:
 def final_json(obj: dict) -> None:
     print(json.dumps(obj, sort_keys=True))
 
+
+
+def decoded(w: Workload, processor, limit: int | None = None) -> list[np.ndarray]:
+    """The workload's images at the model resolution, as the preprocess stage decodes them."""
+    from paligemma_batch.engine import model_input_size
+    from paligemma_batch.images import decode_image
+
+    size, resample = model_input_size(processor), processor.image_processor.resample
+    return [decode_image(data, size, resample).pixels for _, data in tar_images(w.shards, limit)]
+
+
+def requests_for(w: Workload, processor, images: int):
+    """One request per (image, prompt), as the inference stage builds them."""
+    from paligemma_batch.engine import Request, prompt_ids
+
+    ids = [prompt_ids(processor, p) for p in w.prompts]
+    return [Request(i, prompt) for i in range(images) for prompt in ids]
+
+
+def engine_sweep(engine, w: Workload, pixels: list[np.ndarray], batch_sizes: list[int], processor) -> list[list]:
+    """Engine-only images/s (decode excluded) for each number of images per ``generate`` call."""
+    rows = []
+    for bs in batch_sizes:
+        engine.generate(pixels[:bs], requests_for(w, processor, min(bs, len(pixels))))  # warm-up at this shape
+        synchronize(w.device)
+        t0 = time.perf_counter()
+        done = 0
+        for start in range(0, len(pixels) - bs + 1, bs):
+            engine.generate(pixels[start:start + bs], requests_for(w, processor, bs))
+            done += bs
+        synchronize(w.device)
+        seconds = time.perf_counter() - t0
+        rows.append([bs, bs * len(w.prompts), done, seconds, done / seconds])
+    return rows
+
+
+if __name__ == "__main__":  # the child process of cold_hand_loop
+    _cold_hand_loop_main(*sys.argv[1:])

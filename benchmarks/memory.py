@@ -32,7 +32,7 @@ def one_run(args) -> dict:
                    tasks=c.parse_tasks(args.tasks), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     with c.PeakMemory() as memory:
         ray_start = c.start_ray(num_cpus=args.ray_cpus)
-        timing = c.job(c.job_config(w, str(workdir / f"out-{args.one}"), ray_cpus=args.ray_cpus))
+        timing = c.job(c.job_config(w, tempfile.mkdtemp(prefix=f"out-{args.one}-", dir=workdir), ray_cpus=args.ray_cpus))
     return {"images": timing.images, "seconds": round(timing.seconds, 2), "ray_start_s": round(ray_start, 2),
             "peak_rss_mb": round(memory.peak_rss / MB), "peak_pss_mb": round(memory.peak_pss / MB),
             "peak_driver_rss_mb": round(memory.peak_driver_rss / MB), "processes": memory.peak_processes}
@@ -47,14 +47,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--ray-cpus", type=int, default=None)
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--workdir", default="out/benchmarks/memory", help="the model, inputs and outputs")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: the child's size
     args = parser.parse_args(argv)
     if args.one is not None:
         print(json.dumps(one_run(args)))
         return {}
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pgb-memory-"))
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     c.tiny_model(workdir, args.image_size)
     counts = [int(n) for n in args.counts.split(",")]
     print(f"corpus sizes {counts}, {args.side}px JPEGs, tiny model at {args.image_size}px, tasks {args.tasks}, "
