@@ -24,7 +24,10 @@ def loaded(tiny_model_dir):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     processor.tokenizer.padding_side = "left"
     model = PaliGemmaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    return model, processor
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from more, and spinning threads stall on a busy CPU
+    yield model, processor
+    torch.set_num_threads(threads)
 
 
 def _png(seed: int, size: tuple[int, int]) -> bytes:
