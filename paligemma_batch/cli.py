@@ -84,9 +84,9 @@ def run(config: Path, set_: SetOption = None) -> None:
 @app.command()
 def demo(
     config: Path = typer.Option(Path("configs/demo.yaml"), help="The demo job config."),
-    workdir: Path = typer.Option(Path("out/demo"), help="Where the demo model, shards and output go."),
+    workdir: Path = typer.Option(Path("out/demo"), help="Where the demo shards and output go."),
 ) -> None:
-    """Build the tiny model and synthetic shards, run the demo job on a local Ray, print where the Parquet is."""
+    """Write synthetic shards, run the demo job with the shipped shapes fixture on a local Ray, print where the Parquet is."""
     from paligemma_batch.fixtures.demo import prepare_demo
     from paligemma_batch.pipeline import run as run_job
 
