@@ -187,7 +187,8 @@ class OutputConfig(_Strict):
     """Where the Parquet goes."""
 
     uri: str = Field(description="Output root: local folder or fsspec URI. Each run writes under runs/RUN_ID/.")
-    rows_per_file: int = Field(10_000, ge=1, description="Most rows in one Parquet file.")
+    rows_per_file: int = Field(10_000, ge=1, description="Most rows in one Parquet file. The sink gathers this many rows "
+                               "before a write, so it is also how often progress is committed.")
     mode: Literal["new", "incremental"] = Field(
         "new",
         description="new: the output must hold no finished run. incremental: process only shards that no "

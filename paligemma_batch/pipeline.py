@@ -208,7 +208,7 @@ def _init_ray(config: JobConfig) -> bool:
     return True
 
 
-def build(config: JobConfig, plan: RunPlan, processor):
+def build(config: JobConfig, plan: RunPlan, encoder):
     """The Ray Dataset: shards → read → preprocess (CPU tasks) → PaliGemma (actor pool) → annotated rows."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
@@ -248,7 +248,7 @@ def build(config: JobConfig, plan: RunPlan, processor):
         batch_size=pre.batch_size,
         batch_format="pyarrow",
         num_cpus=pre.num_cpus,
-        fn_kwargs={"plan": PreprocessPlan.create(config, processor, plan.done_keys)},
+        fn_kwargs={"plan": PreprocessPlan.create(config, encoder, plan.done_keys)},
     )
     return ds.map_batches(
         InferenceStage,
@@ -265,15 +265,15 @@ def _write(config: JobConfig, store: OutputStore, plan: RunPlan) -> WriteStats:
     """Stream the plan's shards through the Dataset into part files; the files this attempt committed."""
     import ray
 
-    from paligemma_batch.model import load_processor
+    from paligemma_batch.prompts import load_prompt_encoder
     from paligemma_batch.schema import with_metadata
 
-    processor = load_processor(config.model, config.model_storage)
+    encoder = load_prompt_encoder(config.model, config.model_storage)
     schema = with_metadata({"run_id": plan.run_id, "config_hash": config.fingerprint(),
                             "model_id": config.model.source, "precision": config.model.precision})
     sink = RunSink(store, plan.run_id, plan.record.attempts, config.output.rows_per_file, schema)
     try:
-        build(config, plan, processor).write_datasink(sink, ray_remote_args={"num_cpus": config.preprocess.num_cpus})
+        build(config, plan, encoder).write_datasink(sink, ray_remote_args={"num_cpus": config.preprocess.num_cpus})
     except ray.exceptions.ActorDiedError as err:
         retries = config.inference.model_load_retries
         cause = next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), repr(err))

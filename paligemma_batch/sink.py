@@ -299,6 +299,11 @@ class RunSink(Datasink[WriteStats]):
             stats.files[path] = part.num_rows
         return stats
 
+    @property
+    def min_rows_per_write(self) -> int:
+        """Ray gathers a file's worth of rows before a write: fewer, fuller files and write tasks."""
+        return self.rows_per_file
+
     def on_write_complete(self, write_result) -> None:
         for stats in write_result.write_returns:
             self.stats.merge(stats)

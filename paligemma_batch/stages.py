@@ -6,9 +6,7 @@ The same callables run outside Ray (tests call them directly on tables).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -17,6 +15,7 @@ import pyarrow as pa
 
 from paligemma_batch.config import InputConfig, JobConfig, TaskConfig
 from paligemma_batch.images import ImageDecodeError, decode_image
+from paligemma_batch.prompts import PromptEncoder
 from paligemma_batch.schema import ANNOTATIONS
 from paligemma_batch.sink import ShardLog, row_key
 from paligemma_batch.sources import iter_rows, row_to_dict
@@ -81,40 +80,25 @@ class PreprocessPlan:
     """Everything the CPU stage needs; pickled once and shipped to the workers."""
 
     tasks: list[TaskConfig]
-    processor_blob: bytes  # the pickled processor (tokenizer + image processor)
+    encoder: PromptEncoder  # the checkpoint's tokenizer and input size, without transformers
     max_image_pixels: int
     jpeg_draft: bool
     done_keys: frozenset[str] = field(default_factory=frozenset)  # row keys (sink.row_key) already committed
 
     @classmethod
-    def create(cls, config: JobConfig, processor, done_keys: set[str] | None = None) -> PreprocessPlan:
+    def create(cls, config: JobConfig, encoder: PromptEncoder, done_keys: set[str] | None = None) -> PreprocessPlan:
         return cls(
             tasks=list(config.tasks),
-            processor_blob=pickle.dumps(processor),
+            encoder=encoder,
             max_image_pixels=config.preprocess.max_image_pixels,
             jpeg_draft=config.preprocess.jpeg_draft,
             done_keys=frozenset(done_keys or ()),
         )
 
 
-_PROCESSORS: dict[str, object] = {}
-
-
-def _processor(blob: bytes):
-    """Unpickle a processor once per worker process."""
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest not in _PROCESSORS:
-        _PROCESSORS[digest] = pickle.loads(blob)
-    return _PROCESSORS[digest]
-
-
 def preprocess(batch: pa.Table, plan: PreprocessPlan) -> pa.Table:
     """Ray stage: decode, orient, resize and tokenize; a bad image becomes a row with ``error`` set."""
-    from paligemma_batch.engine import model_input_size, prompt_ids
-
-    processor = _processor(plan.processor_blob)
-    size = model_input_size(processor)
-    resample = processor.image_processor.resample
+    encoder = plan.encoder
     out = []
     for row in batch.to_pylist():
         todo = [t for t in plan.tasks if row_key(row["image_id"], t.output_name) not in plan.done_keys]
@@ -134,7 +118,7 @@ def preprocess(batch: pa.Table, plan: PreprocessPlan) -> pa.Table:
         fields = json.loads(row["fields"] or "{}")
         if prepared["error"] is None:
             try:
-                image = decode_image(row["data"], size, resample, plan.max_image_pixels, plan.jpeg_draft)
+                image = decode_image(row["data"], encoder.size, encoder.resample, plan.max_image_pixels, plan.jpeg_draft)
                 prepared.update(pixels=image.pixels.tobytes(), width=image.width, height=image.height)
             except ImageDecodeError as err:
                 prepared["error"] = str(err)
@@ -144,7 +128,7 @@ def preprocess(batch: pa.Table, plan: PreprocessPlan) -> pa.Table:
                 prepared["error"] = f"input: no '{task.question_key}' for task {task.output_name}"
             prompt = task.prompt_for(question)
             prepared["prompts"].append(prompt)
-            prepared["input_ids"].append(prompt_ids(processor, prompt) if prepared["error"] is None else [])
+            prepared["input_ids"].append(encoder.ids(prompt) if prepared["error"] is None else [])
         out.append(prepared)
     return pa.Table.from_pylist(out, schema=PREPARED_SCHEMA)
 

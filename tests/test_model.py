@@ -211,6 +211,7 @@ HUB_SCRIPT = r"""
 import json, sys
 from paligemma_batch.config import ModelConfig, StorageOptions
 from paligemma_batch.model import ModelSourceError, load_model, load_processor, source_problems
+from paligemma_batch.prompts import load_prompt_encoder
 
 out = {}
 for name, source, revision in [("main", "acme/tiny-paligemma", None), ("rev", "acme/tiny-paligemma", "gemma2"),
@@ -221,6 +222,7 @@ for name, source, revision in [("main", "acme/tiny-paligemma", None), ("rev", "a
         model = load_model(cfg, StorageOptions())
         entry["decoder"] = model.config.text_config.model_type
         entry["image_seq_length"] = load_processor(cfg, StorageOptions()).image_seq_length
+        entry["encoder_image_tokens"] = load_prompt_encoder(cfg, StorageOptions()).ids("caption en")[:17].count(4)
     except ModelSourceError as err:
         entry["error"] = str(err)
     out[name] = entry
@@ -245,8 +247,8 @@ def test_hub_id_and_revision_from_hf_home_offline(tmp_path, tiny_model_dir, tiny
     done = subprocess.run([sys.executable, "-c", HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
-    assert result["main"] == {"problems": [], "decoder": "gemma", "image_seq_length": 16}
-    assert result["rev"] == {"problems": [], "decoder": "gemma2", "image_seq_length": 16}
+    assert result["main"] == {"problems": [], "decoder": "gemma", "image_seq_length": 16, "encoder_image_tokens": 16}
+    assert result["rev"] == {"problems": [], "decoder": "gemma2", "image_seq_length": 16, "encoder_image_tokens": 16}
     cache = tmp_path / "hf-home" / "hub"
     assert result["bad_rev"]["problems"] == [
         f"model.source: acme/tiny-paligemma at revision nope is not in the Hugging Face cache ({cache}) and "

@@ -128,3 +128,14 @@ def test_run_sink_in_ray_data(ray_local, tmp_path):
     written = store.read_run(RUN)
     assert written.schema.equals(ANNOTATIONS)
     assert sorted(keys_of(written)) == sorted(keys_of(table))
+
+
+def test_run_sink_in_ray_data_gathers_small_blocks_into_full_files(ray_local, tmp_path):
+    import ray
+
+    store = OutputStore(str(tmp_path / "out"), StorageOptions())
+    table = pa.concat_tables([rows(f"mem://{s}.tar", range(3)) for s in "abcdefghij"])
+    sink = RunSink(store, RUN, attempt=1, rows_per_file=10, schema=ANNOTATIONS)
+    ray.data.from_arrow(table).repartition(10).write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
+    # Ten 3-row blocks: without gathering, ten 3-row files.
+    assert sink.stats.rows == 30 and max(sink.stats.files.values()) == 10 and len(sink.stats.files) <= 5

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import job_config
 from paligemma_batch.model import load_processor
+from paligemma_batch.prompts import load_prompt_encoder
 from paligemma_batch.schema import ANNOTATIONS
 from paligemma_batch.stages import PREPARED_SCHEMA, SOURCE_SCHEMA, InferenceStage, PreprocessPlan, preprocess, read_shards
 
@@ -22,6 +23,11 @@ def config(tiny_model_dir, scene_shards, tmp_path_factory):
 @pytest.fixture(scope="module")
 def processor(config):
     return load_processor(config.model, config.model_storage)
+
+
+@pytest.fixture(scope="module")
+def encoder(config):
+    return load_prompt_encoder(config.model, config.model_storage)
 
 
 def _shards_table(config) -> pa.Table:
@@ -44,9 +50,9 @@ def test_read_shards_direct_and_in_ray(ray_local, config):
     assert table.sort_by("image_id").equals(direct.sort_by("image_id"))
 
 
-def test_preprocess_direct_and_in_ray(ray_local, config, processor):
+def test_preprocess_direct_and_in_ray(ray_local, config, processor, encoder):
     sources = _sources(config)
-    plan = PreprocessPlan.create(config, processor)
+    plan = PreprocessPlan.create(config, encoder)
     direct = preprocess(sources, plan)
     assert direct.schema == PREPARED_SCHEMA and direct.num_rows == 12
     row = direct.to_pylist()[0]
@@ -62,22 +68,22 @@ def test_preprocess_direct_and_in_ray(ray_local, config, processor):
     assert table.equals(direct.sort_by("image_id"))
 
 
-def test_preprocess_skips_committed_pairs_and_keeps_errors(config, processor):
+def test_preprocess_skips_committed_pairs_and_keeps_errors(config, encoder):
     sources = _sources(config)
     first = sources["image_id"][0].as_py()
     done = {f"{first}\t{t}" for t in ("caption", "answer")} | {f"{sources['image_id'][1].as_py()}\t{t}"
                                                                 for t in ("caption", "answer", "detect")}
     broken = pa.Table.from_pylist([{"image_id": "x::bad", "source_uri": "x", "data": b"junk", "fields": "{}",
                                     "error": None}], schema=SOURCE_SCHEMA)
-    out = preprocess(pa.concat_tables([sources, broken]), PreprocessPlan.create(config, processor, done))
+    out = preprocess(pa.concat_tables([sources, broken]), PreprocessPlan.create(config, encoder, done))
     rows = {r["image_id"]: r for r in out.to_pylist()}
     assert rows[first]["tasks"] == ["detect"]
     assert sources["image_id"][1].as_py() not in rows
     assert rows["x::bad"]["error"].startswith("decode:") and rows["x::bad"]["tasks"] == ["caption", "answer", "detect"]
 
 
-def test_inference_stage_direct_and_in_ray(ray_local, config, processor):
-    prepared = preprocess(_sources(config), PreprocessPlan.create(config, processor))
+def test_inference_stage_direct_and_in_ray(ray_local, config, encoder):
+    prepared = preprocess(_sources(config), PreprocessPlan.create(config, encoder))
     stage = InferenceStage(config, run_id="r1")
     direct = stage(prepared)
     assert direct.schema == ANNOTATIONS and direct.num_rows == 12 * 3
@@ -98,10 +104,10 @@ def test_inference_stage_direct_and_in_ray(ray_local, config, processor):
     assert key(table).select(["image_id", "task", "text"]).equals(key(direct).select(["image_id", "task", "text"]))
 
 
-def test_inference_stage_turns_error_rows_into_one_row_per_task(config, processor):
+def test_inference_stage_turns_error_rows_into_one_row_per_task(config, encoder):
     broken = pa.Table.from_pylist([{"image_id": "x::bad", "source_uri": "x", "data": b"", "fields": "{}",
                                     "error": None}], schema=SOURCE_SCHEMA)
-    prepared = preprocess(broken, PreprocessPlan.create(config, processor))
+    prepared = preprocess(broken, PreprocessPlan.create(config, encoder))
     out = InferenceStage(config, run_id="r").__call__(prepared).to_pylist()
     assert [r["task"] for r in out] == ["caption", "answer", "detect"]
     assert {(r["status"], r["error"]) for r in out} == {("error", "empty: zero-byte image")}
