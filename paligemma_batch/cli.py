@@ -90,8 +90,8 @@ def demo(
     from paligemma_batch.fixtures.demo import prepare_demo
     from paligemma_batch.pipeline import run as run_job
 
+    job = _load(config, None)  # a broken config stops before the old demo output is cleared
     prepare_demo(workdir)
-    job = _load(config, None)
     try:
         summary = run_job(job)
     except ConfigError as err:

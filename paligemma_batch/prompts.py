@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 
 from paligemma_batch.config import ModelConfig, StorageOptions
 
@@ -25,13 +25,18 @@ SETTINGS_FILES = ("preprocessor_config.json", "processor_config.json", "tokenize
 _TOKENIZERS: dict[str, Tokenizer] = {}  # per process, by digest of the tokenizer JSON
 
 
-def gemma_tokenizer(tokenizer_json: str) -> Tokenizer:
-    """``tokenizer.json`` as transformers' ``GemmaTokenizer`` uses it."""
-    tokenizer = Tokenizer.from_str(tokenizer_json)
+def use_gemma_pipeline(tokenizer: Tokenizer) -> Tokenizer:
+    """Set the normalizer, pre-tokenizer, decoder and byte fallback that transformers' ``GemmaTokenizer`` sets."""
     tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
     tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     tokenizer.model.byte_fallback = True
     return tokenizer
+
+
+def gemma_tokenizer(tokenizer_json: str) -> Tokenizer:
+    """``tokenizer.json`` as transformers' ``GemmaTokenizer`` uses it."""
+    return use_gemma_pipeline(Tokenizer.from_str(tokenizer_json))
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,26 @@ def test_cpu_stage_imports_neither_torch_nor_transformers(tiny_model_dir, scene_
     assert done.returncode == 0, done.stderr[-3000:]
     rows, ok, heavy = done.stdout.split("RESULT ", 1)[1].split(" ", 2)
     assert int(rows) > 0 and ok == rows and heavy.strip() == "[]"
+
+
+def test_tiny_tokenizer_tokenizes_alike_before_and_after_a_save(tmp_path):
+    """The fixtures' tokenizer in memory splits text as its reloaded copy does."""
+    from transformers import AutoTokenizer
+
+    from paligemma_batch.fixtures.tiny import build_tokenizer
+
+    built = build_tokenizer()
+    built.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    for prompt in PROMPTS:
+        assert built(prompt, add_special_tokens=False)["input_ids"] == reloaded(prompt, add_special_tokens=False)[
+            "input_ids"], prompt
+
+
+def test_training_script_tokenizer_is_the_shipped_fixtures():
+    """``fixtures/train.py`` rebuilds the shipped fixture's vocabulary (its training command stays reproducible)."""
+    from transformers import AutoTokenizer
+
+    from paligemma_batch.fixtures.tiny import build_tokenizer
+
+    assert build_tokenizer(seed=0).get_vocab() == AutoTokenizer.from_pretrained(SHAPES_MODEL).get_vocab()
