@@ -346,7 +346,7 @@ def pick_loop_threads(w: Workload, processor, model, choices: list[int]) -> tupl
 
 def job_config(w: Workload, output_uri: str, *, actors: int = 1, actor_cpus: float = 0.5,
                actor_threads: int | None = 1, num_gpus: float = 0, ray_cpus: int | None = None,
-               preprocess_batch: int = 32, extra_model: dict | None = None):
+               preprocess_batch: int = 32, preprocess_cpus: float = 0.5, extra_model: dict | None = None):
     """The JobConfig for (c): the same shards, tasks and generation length as the loops."""
     from paligemma_batch.config import parse_config
 
@@ -357,7 +357,7 @@ def job_config(w: Workload, output_uri: str, *, actors: int = 1, actor_cpus: flo
                   **(extra_model or {})},
         "inference": {"batch_size": w.batch_size, "min_actors": actors, "max_actors": actors,
                       "num_cpus": actor_cpus, "num_threads": actor_threads, "num_gpus": num_gpus},
-        "preprocess": {"num_cpus": 0.5, "batch_size": preprocess_batch},
+        "preprocess": {"num_cpus": preprocess_cpus, "batch_size": preprocess_batch},
         "output": {"uri": output_uri},
         "ray": {"num_cpus": ray_cpus, "progress_bars": False},
     })

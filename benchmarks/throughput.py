@@ -20,6 +20,7 @@ from ``--workdir`` afterwards). ``--images``, ``--model`` and the batch flags sc
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -36,9 +37,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", default="caption,detect", help=f"comma-separated: {', '.join(c.TASK_PRESETS)}")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32, help="images per generate call in (b) and (c)")
-    parser.add_argument("--actors", type=int, default=1, help="(c) inference actors")
+    parser.add_argument("--actors", type=int, default=0,
+                        help="(c) inference actors; 0 = one per core, each with --actor-threads torch threads")
     parser.add_argument("--actor-cpus", type=float, default=0.5, help="(c) CPUs reserved per actor")
     parser.add_argument("--actor-threads", type=int, default=1, help="(c) torch threads per actor")
+    parser.add_argument("--preprocess-cpus", type=float, default=0.5, help="(c) CPUs per read/preprocess task")
     parser.add_argument("--loop-threads", type=int, default=0, help="(a)/(b) torch threads; 0 = fastest probe")
     parser.add_argument("--ray-cpus", type=int, default=None, help="local Ray CPUs (default: all)")
     parser.add_argument("--cold-loop", action="store_true", help="also time (b) in a fresh process")
@@ -72,8 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
     cold = c.cold_hand_loop(w, threads, workdir / "hand-loop-cold.parquet") if args.cold_loop else None
 
     ray_start = c.start_ray(num_cpus=args.ray_cpus)
-    config = c.job_config(w, tempfile.mkdtemp(prefix="job-", dir=workdir), actors=args.actors,
-                          actor_cpus=args.actor_cpus, actor_threads=args.actor_threads, ray_cpus=args.ray_cpus)
+    actors = args.actors or args.ray_cpus or os.cpu_count() or 1
+    print(f"(c) {actors} inference actor(s), {args.actor_threads} torch thread(s) each")
+    config = c.job_config(w, tempfile.mkdtemp(prefix="job-", dir=workdir), actors=actors,
+                          actor_cpus=args.actor_cpus, actor_threads=args.actor_threads, ray_cpus=args.ray_cpus,
+                          preprocess_cpus=args.preprocess_cpus)
     job = c.job(config)
     if job.images != w.images:
         raise RuntimeError(f"the job saw {job.images} images, expected {w.images}")
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "images": w.images,
         "device": c.device_name(w.device),
         "loop_threads": threads,
+        "job_actors": actors,
     }
     if cold:
         result.update(loop_cold_ips=round(cold.ips, 3), job_vs_loop_cold=round(job.ips / cold.ips, 3))

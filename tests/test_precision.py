@@ -31,7 +31,16 @@ TRAINED = Path(__file__).resolve().parents[1] / "paligemma_batch" / "fixtures" /
 # the int4 bound would catch wrong pixels; nf4 on 64-wide random layers is that coarse.
 LOGIT_COSINE_AT_LEAST = {"bfloat16": 0.999, "float16": 0.9999, "int8": 0.99, "int4": 0.7}
 # A trained model's choices are not near ties: it must mostly pick float32's first token in every precision.
+# Neighbouring <loc> bins are the exception (the fixture learnt Gaussian targets over bins): within
+# LOC_BINS_APART they count as agreeing.
 TRAINED_FIRST_TOKEN_AT_LEAST = {"bfloat16": 0.9, "float16": 0.9, "int8": 0.9, "int4": 0.75}
+LOC_BINS_APART = 2
+
+
+def _agree(token: int, reference: int, loc0: int) -> bool:
+    """The same token, or ``<loc>`` tokens at most ``LOC_BINS_APART`` bins apart."""
+    both_loc = all(loc0 <= t < loc0 + 1024 for t in (token, reference))
+    return token == reference or (both_loc and abs(token - reference) <= LOC_BINS_APART)
 
 
 def _model_dirs(tiny_model_dir: Path) -> dict[str, Path]:
@@ -99,10 +108,11 @@ def test_precisions_agree_with_float32(which, tiny_model_dir, scene_shards):
     distinct, empty = len({g.text for g in reference}), sum(not g.text for g in reference)
     print(f"\n{which}: {len(reference)} requests ({len(pixels)} images x {len(PROMPTS)} prompts), vs float32 "
           f"({distinct} distinct texts, {empty} empty); float32 logits for another image reach cosine {unrelated:.5f}")
+    loc0 = results["float32"][1].processor.tokenizer.convert_tokens_to_ids("<loc0000>")
     for precision, (model, engine, generated, logits) in results.items():
         _check_loaded_as_asked(model, engine, precision)
         assert len(generated) == len(reference) and all(g.num_output_tokens >= 1 for g in generated)
-        first = np.mean([g.token_ids[0] == r.token_ids[0] for g, r in zip(generated, reference)])
+        first = np.mean([_agree(g.token_ids[0], r.token_ids[0], loc0) for g, r in zip(generated, reference)])
         same = np.mean([g.token_ids == r.token_ids for g, r in zip(generated, reference)])
         cosine = torch.nn.functional.cosine_similarity(logits, reference_logits, dim=-1).min().item()
         top1 = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()
