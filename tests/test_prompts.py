@@ -119,8 +119,9 @@ def test_tiny_tokenizer_tokenizes_alike_before_and_after_a_save(tmp_path):
     built.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     for prompt in PROMPTS:
-        assert built(prompt, add_special_tokens=False)["input_ids"] == reloaded(prompt, add_special_tokens=False)[
-            "input_ids"], prompt
+        ids = built(prompt, add_special_tokens=False)["input_ids"]
+        assert ids == reloaded(prompt, add_special_tokens=False)["input_ids"], prompt
+        assert built.decode(ids) == reloaded.decode(ids), prompt
 
 
 def test_training_script_tokenizer_is_the_shipped_fixtures():
