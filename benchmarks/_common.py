@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -459,14 +459,8 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def best_of(repeats: int, fn: Callable[[], Timing]) -> Timing:
-    """The fastest of ``repeats`` runs (the least disturbed by other load on a shared machine)."""
-    return min((fn() for _ in range(repeats)), key=lambda t: t.seconds)
-
-
 def final_json(obj: dict) -> None:
     print(json.dumps(obj, sort_keys=True))
-
 
 
 def decoded(w: Workload, processor, limit: int | None = None) -> list[np.ndarray]:

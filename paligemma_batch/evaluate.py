@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 

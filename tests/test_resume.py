@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from conftest import job_config

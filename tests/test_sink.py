@@ -68,7 +68,7 @@ def test_progress_and_manifest_keep_each_key_exactly_once(store):
 
     # Attempt 2 redoes b's images 2..3. Meanwhile a writer of attempt 1 that outlived the crash commits b:2
     # after attempt 2 listed the committed keys: the race that would duplicate rows.
-    orphan = commit(store, "part-a1-3.parquet", rows(b, range(2, 3)))
+    commit(store, "part-a1-3.parquet", rows(b, range(2, 3)))
     redo = commit(store, "part-a2-0.parquet", rows(b, range(2, 4)))
     with pytest.raises(FileNotFoundError, match="1 committed part file\\(s\\) vanished"):
         store.finish_run(RUN, {**progress.files, redo: 2, store.run_path(RUN, "part-a2-gone.parquet"): 1})
