@@ -465,7 +465,7 @@ def final_json(obj: dict) -> None:
 
 def decoded(w: Workload, processor, limit: int | None = None) -> list[np.ndarray]:
     """The workload's images at the model resolution, as the preprocess stage decodes them."""
-    from paligemma_batch.engine import model_input_size
+    from paligemma_batch.engines.transformers_engine import model_input_size
     from paligemma_batch.images import decode_image
 
     size, resample = model_input_size(processor), processor.image_processor.resample
@@ -474,7 +474,7 @@ def decoded(w: Workload, processor, limit: int | None = None) -> list[np.ndarray
 
 def requests_for(w: Workload, processor, images: int):
     """One request per (image, prompt), as the inference stage builds them."""
-    from paligemma_batch.engine import Request, prompt_ids
+    from paligemma_batch.engines.transformers_engine import Request, prompt_ids
 
     ids = [prompt_ids(processor, p) for p in w.prompts]
     return [Request(i, prompt) for i in range(images) for prompt in ids]

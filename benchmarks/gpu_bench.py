@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from paligemma_batch.engine import Engine
+    from paligemma_batch.engines.transformers_engine import TransformersEngine
 
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{w.images} scene images (160–640 px) written in {time.perf_counter() - t0:.1f} s; "
           f"machine {c.machine()}", flush=True)
 
-    engine = Engine(model, processor, w.max_new_tokens, w.min_new_tokens)
+    engine = TransformersEngine(model, processor, w.max_new_tokens, w.min_new_tokens)
     pixels = c.decoded(w, processor, max(sweep_sizes) * 2)
     sweep = c.engine_sweep(engine, w, pixels, sweep_sizes, processor)
     print("\nbatch size sweep (engine only, decode excluded)\n"
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nvision tower, 2 prompts per image\n" + c.table(["way", "images/s"], rows), flush=True)
     result["vision_once_gain"] = round(rows[-1][1], 3)
     if args.static_cache:
-        static = Engine(model, processor, w.max_new_tokens, w.min_new_tokens, cache_implementation="static")
+        static = TransformersEngine(model, processor, w.max_new_tokens, w.min_new_tokens, cache_implementation="static")
         t0 = time.perf_counter()
         static.generate(pixels[:batch], c.requests_for(w, processor, batch))  # compiles
         compile_s = time.perf_counter() - t0

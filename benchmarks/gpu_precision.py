@@ -65,7 +65,7 @@ def measure(model_dir: Path, precision: str, on_gpu: bool, batch: int, new_token
     import torch
 
     from paligemma_batch.config import ModelConfig, StorageOptions
-    from paligemma_batch.engine import Engine, Request, model_input_size, prompt_ids
+    from paligemma_batch.engines.transformers_engine import TransformersEngine, Request, model_input_size, prompt_ids
     from paligemma_batch.model import load_model, load_processor
 
     cfg = ModelConfig(source=str(model_dir), precision=precision)
@@ -76,7 +76,7 @@ def measure(model_dir: Path, precision: str, on_gpu: bool, batch: int, new_token
     model = load_model(cfg, StorageOptions(), num_gpus=1 if on_gpu else 0)
     load_s = time.perf_counter() - t0
     weights = torch.cuda.memory_allocated() if on_gpu else model.get_memory_footprint()
-    engine = Engine(model, processor, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    engine = TransformersEngine(model, processor, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     rng = np.random.default_rng(0)
     height, width = model_input_size(processor)
     pixels = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(batch)]

@@ -44,7 +44,7 @@ def interleaved(repeats: int, ways: dict[str, Callable[[], object]]) -> dict[str
 
 def vision_once(engine, w: c.Workload, processor, pixels, repeats: int, batch: int) -> list[list]:
     """Engine.generate (vision once per image) against vision once per row."""
-    from paligemma_batch.engine import Request
+    from paligemma_batch.engines.transformers_engine import Request
 
     batches = [pixels[s:s + batch] for s in range(0, len(pixels) - batch + 1, batch)]
     requests = c.requests_for(w, processor, batch)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from paligemma_batch.engine import Engine
+    from paligemma_batch.engines.transformers_engine import TransformersEngine
 
     torch.set_num_threads(args.threads)
     workdir = args.workdir
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     w = c.Workload(model_dir=model_dir, shards=shards, images=args.images, tasks=c.parse_tasks(args.tasks),
                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     processor, model = c.load(w)
-    engine = Engine(model, processor, w.max_new_tokens)
+    engine = TransformersEngine(model, processor, w.max_new_tokens)
     pixels = c.decoded(w, processor, args.images)
     print(f"model {model_dir}, {args.images} images, prompts {w.prompts}, max_new_tokens {w.max_new_tokens}, "
           f"torch threads {args.threads}; machine {c.machine()}")

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from paligemma_batch.masks import MaskDecoder, encode_rle, paste_mask
+from paligemma_batch.masks import MaskDecoder
+from paligemma_batch.rle import encode_rle, paste_mask
 from paligemma_batch.parse import ParsedObject, parse_objects
 from paligemma_batch.tasks import output_kind
 

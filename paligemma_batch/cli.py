@@ -75,7 +75,7 @@ def run(config: Path, set_: SetOption = None) -> None:
     except RunFailed as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
-    if summary["status"] == "nothing_to_do":
+    if summary.status == "nothing_to_do":
         typer.echo("nothing to do: every shard is covered by a finished run")
         return
     print_report(summary)
@@ -130,7 +130,7 @@ def runs(
     """List the runs under an output root (the run index): status, attempts, shards, rows, times."""
     from dataclasses import asdict
 
-    from paligemma_batch.sink import OutputStore
+    from paligemma_batch.store import OutputStore
 
     _, storage = _result_sources(config)
     if endpoint_url:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -82,15 +83,32 @@ class InputConfig(_Strict):
     format: Literal["webdataset", "images", "parquet"] = Field(
         "webdataset", description="webdataset tars, a folder of image files, or Parquet files with image bytes."
     )
-    image_key: str | None = Field(
-        None,
-        description="webdataset: member extensions holding the image, ';'-separated (default jpg;jpeg;png;webp;"
-        "bmp;gif;tif;tiff). parquet: the image-bytes column (default 'image'; a struct with a 'bytes' field works).",
+    image_exts: list[str] = Field(
+        default_factory=list,
+        description="Extra image extensions of folder files and tar members, added to the defaults (jpg jpeg png "
+        "webp bmp gif tif tiff).",
+    )
+    image_column: str = Field(
+        "image", description="parquet: the image-bytes column (a struct with a 'bytes' field works)."
     )
     id_column: str | None = Field(
         None, description="parquet: the column with a stable per-row key (default: the row number in its file)."
     )
     storage_options: StorageOptions = Field(default_factory=StorageOptions, description="Storage credentials.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_image_key(cls, data: Any) -> Any:
+        """``image_key`` (before 0.2) meant extensions for files and members, and the column for Parquet."""
+        if not isinstance(data, dict) or "image_key" not in data:
+            return data
+        data = dict(data)
+        value = data.pop("image_key")
+        if value is not None:
+            new = "image_column" if data.get("format") == "parquet" else "image_exts"
+            warnings.warn(f"input.image_key is deprecated; use input.{new}", FutureWarning, stacklevel=2)
+            data.setdefault(new, value if new == "image_column" else [e for e in str(value).split(";") if e])
+        return data
 
 
 class TaskConfig(_Strict):
@@ -133,6 +151,9 @@ class ModelConfig(_Strict):
         "(s3://bucket/models/paligemma-3b-mix-224/), downloaded once per node."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
+    engine: Literal["transformers"] = Field(
+        "transformers", description="The runtime that generates: transformers (the PaliGemma classes, batched greedy)."
+    )
     precision: Precision = Field(
         "bfloat16", description="float32, bfloat16, float16, int8 or int4 (bitsandbytes nf4)."
     )
@@ -241,7 +262,7 @@ class JobConfig(_Strict):
         """A hash of everything that changes the output rows (no secrets, no pool sizes)."""
         payload = self.model_dump(
             mode="json",
-            include={"input": {"uri", "format", "image_key", "id_column"}, "tasks": True, "model": True,
+            include={"input": {"uri", "format", "image_exts", "image_column", "id_column"}, "tasks": True, "model": True,
                      "preprocess": {"max_image_pixels", "jpeg_draft"}},
         )
         payload["model"].pop("storage_options", None)

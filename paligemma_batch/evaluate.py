@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +28,9 @@ import pyarrow as pa
 from paligemma_batch.config import (InferenceConfig, InputConfig, JobConfig, ModelConfig, OutputConfig,
                                     PreprocessConfig, RayConfig, StorageOptions, TaskConfig)
 from paligemma_batch.fixtures.scenes import SHAPES, write_scene_shards
-from paligemma_batch.masks import decode_rle
-from paligemma_batch.sources import KEY_SEPARATOR, filesystem, list_shards
+from paligemma_batch.rle import decode_rle
+from paligemma_batch.readers import iter_rows, list_shards
+from paligemma_batch.storage import filesystem
 
 FIXTURE_MODEL = Path(__file__).parent / "fixtures" / "assets" / "shapes-paligemma"
 HELDOUT_SEED = 20261127  # not a seed the fixture was trained on (training streams are seeded by name)
@@ -82,14 +82,9 @@ def write_heldout(uri: str, images: int, seed: int = HELDOUT_SEED, per_shard: in
 
 def read_ground_truth(shards: list[str], storage: StorageOptions) -> dict[str, dict]:
     """``image_id`` → the scene's ``KEY.json`` record, for every sample of every shard."""
-    truth = {}
-    for uri in shards:
-        fs, path = filesystem(uri, storage)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for info in tar:
-                if info.name.endswith(".json"):
-                    truth[f"{uri}{KEY_SEPARATOR}{info.name[: -len('.json')]}"] = json.load(tar.extractfile(info))
-    return truth
+    cfg = InputConfig(uri=shards, format="webdataset", storage_options=storage)
+    return {row.image_id: json.loads(row.fields["json"]) for uri in shards for row in iter_rows(uri, cfg, ["json"])
+            if "json" in row.fields}
 
 
 def job_config(shards_uri: str | list[str], model: str, mask_decoder: str | None, output_uri: str,
@@ -175,7 +170,7 @@ def evaluate(model: str | Path = FIXTURE_MODEL, mask_decoder: str | None = None,
     folder's ``vae-oid.npz``. ``output`` must not hold a finished run (default: a temporary folder).
     """
     from paligemma_batch.pipeline import run
-    from paligemma_batch.sink import OutputStore
+    from paligemma_batch.store import OutputStore
 
     storage = storage or StorageOptions()
     model = str(model)
@@ -189,5 +184,5 @@ def evaluate(model: str | Path = FIXTURE_MODEL, mask_decoder: str | None = None,
             shard_uris = list_shards(InputConfig(uri=shards, storage_options=storage))
         output = output or str(Path(tmp, "output"))
         summary = run(job_config(shard_uris, model, mask_decoder, output, storage, batch_size))
-        table = OutputStore(output, storage).read_run(summary["run_id"])
+        table = OutputStore(output, storage).read_run(summary.run_id)
         return score(table, read_ground_truth(shard_uris, storage))

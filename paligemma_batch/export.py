@@ -125,7 +125,7 @@ def to_supervision(row: Mapping[str, Any], class_names: Sequence[str] | None = N
         import supervision as sv
     except ImportError:
         raise ImportError("pip install supervision to use paligemma_batch.export.to_supervision") from None
-    from paligemma_batch.masks import decode_rle
+    from paligemma_batch.rle import decode_rle
 
     objects = row_objects(row)
     if class_names is not None:

@@ -1,4 +1,4 @@
-"""PaliGemma segmentation masks: VQ-VAE decoder (torch), pasting, COCO RLE.
+"""The PaliGemma VQ-VAE mask decoder (torch); pasting and COCO RLE are in :mod:`paligemma_batch.rle`.
 
 The decoder follows big_vision ``evaluators/proj/paligemma/transfers/segmentation.py``
 and loads its checkpoint ``vae-oid.npz``, whose weights are in PyTorch layouts
@@ -15,23 +15,20 @@ so the decoded values can exceed [-1, 1]; only their sign is used.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import fsspec
 import numpy as np
-import PIL.Image
 import torch
-from pycocotools import mask as coco_mask
 from torch import nn
 
-from paligemma_batch.parse import SEG_CODES, SEG_TOKENS
+from paligemma_batch.parse import SEG_TOKENS
 
 EMBEDDING_KEY = "_vq_vae._embedding"
 _CONV_LAYERS = (0, 12)
-_RES_BLOCKS = (2, 3)
-_RES_CONVS = (0, 2, 4)
-_UPSAMPLE_LAYERS = (4, 6, 8, 10)
+RES_BLOCKS = (2, 3)
+RES_CONVS = (0, 2, 4)
+UPSAMPLE_LAYERS = (4, 6, 8, 10)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -40,8 +37,8 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 def _weight_keys() -> list[str]:
     """Layer names in ``vae-oid.npz`` (each has ``.weight`` and ``.bias``)."""
-    names = [f"decoder.{i}" for i in (*_CONV_LAYERS, *_UPSAMPLE_LAYERS)]
-    names += [f"decoder.{b}.net.{c}" for b in _RES_BLOCKS for c in _RES_CONVS]
+    names = [f"decoder.{i}" for i in (*_CONV_LAYERS, *UPSAMPLE_LAYERS)]
+    names += [f"decoder.{b}.net.{c}" for b in RES_BLOCKS for c in RES_CONVS]
     return [f"{n}.{p}" for n in names for p in ("weight", "bias")]
 
 
@@ -74,7 +71,7 @@ class MaskDecoder(nn.Module):
         super().__init__()
         self.embedding = nn.Parameter(torch.zeros(num_codes, embedding_dim))
         layers: list[nn.Module] = [nn.Conv2d(embedding_dim, channels, 1), nn.ReLU()]
-        layers += [_ResBlock(channels) for _ in _RES_BLOCKS]
+        layers += [_ResBlock(channels) for _ in RES_BLOCKS]
         in_channels = channels
         for out_channels in upsample_channels:
             layers += [nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1), nn.ReLU()]
@@ -91,7 +88,7 @@ class MaskDecoder(nn.Module):
         model = cls(
             *arrays[EMBEDDING_KEY].shape,
             channels=arrays["decoder.0.weight"].shape[0],
-            upsample_channels=tuple(arrays[f"decoder.{i}.weight"].shape[1] for i in _UPSAMPLE_LAYERS),
+            upsample_channels=tuple(arrays[f"decoder.{i}.weight"].shape[1] for i in UPSAMPLE_LAYERS),
         )
         state = {k.removeprefix("decoder."): _tensor(arrays[k]) for k in _weight_keys()}
         model.decoder.load_state_dict(state)
@@ -119,70 +116,3 @@ class MaskDecoder(nn.Module):
         x = self.embedding[codes.to(self.embedding.device)]  # [N, 16, D], row-major 4x4 grid
         x = x.reshape(-1, 4, 4, x.shape[-1]).permute(0, 3, 1, 2)
         return self.decoder(x)[:, 0]
-
-
-def random_vae_arrays(seed: int = 0, embedding_dim: int = 512, channels: int = 128) -> dict[str, np.ndarray]:
-    """Random float32 arrays with ``vae-oid.npz`` keys; the defaults give its exact shapes.
-
-    Upsampling widths halve after the first: ``channels, channels/2, /4, /8``.
-    """
-    rng = np.random.default_rng(seed)
-    up = [channels // 2**i for i in range(len(_UPSAMPLE_LAYERS))]
-    shapes = {
-        "decoder.0.weight": (channels, embedding_dim, 1, 1),
-        "decoder.12.weight": (1, up[-1], 1, 1),
-    }
-    for b in _RES_BLOCKS:
-        for c, k in zip(_RES_CONVS, (3, 3, 1)):
-            shapes[f"decoder.{b}.net.{c}.weight"] = (channels, channels, k, k)
-    for i, c_in, c_out in zip(_UPSAMPLE_LAYERS, [channels, *up], up):
-        shapes[f"decoder.{i}.weight"] = (c_in, c_out, 4, 4)
-
-    arrays = {EMBEDDING_KEY: rng.standard_normal((SEG_CODES, embedding_dim), dtype=np.float32)}
-    for key, shape in shapes.items():
-        out_channels = shape[1] if int(key.split(".")[1]) in _UPSAMPLE_LAYERS else shape[0]
-        fan_in = int(np.prod(shape)) // out_channels
-        arrays[key] = rng.normal(0, (2 / fan_in) ** 0.5, shape).astype(np.float32)
-        arrays[key.replace(".weight", ".bias")] = rng.normal(0, 0.01, out_channels).astype(np.float32)
-    return arrays
-
-
-def save_vae_npz(arrays: Mapping[str, np.ndarray], path: str) -> None:
-    """Write arrays as an ``.npz`` to a local path or fsspec URI."""
-    with fsspec.open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def paste_mask(
-    mask64: np.ndarray, box_xyxy: tuple[float, float, float, float], width: int, height: int
-) -> np.ndarray:
-    """Place a decoded mask into a ``[height, width]`` bool image of the original size.
-
-    The box (x0, y0, x1, y1, original pixels) is rounded to whole pixels; the 64x64
-    values are resized to it with PIL bilinear on float32 (as big_vision does), kept
-    where ``> 0`` and cropped to the image. Everything outside the box is False.
-    """
-    out = np.zeros((height, width), dtype=bool)
-    x0, y0, x1, y1 = (math.floor(v + 0.5) for v in box_xyxy)  # round half up
-    if x1 <= x0 or y1 <= y0:
-        return out
-    resized = PIL.Image.fromarray(np.asarray(mask64, np.float32)).resize(
-        (x1 - x0, y1 - y0), resample=PIL.Image.BILINEAR
-    )
-    inside = np.asarray(resized) > 0
-    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-    if cx1 > cx0 and cy1 > cy0:
-        out[cy0:cy1, cx0:cx1] = inside[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
-    return out
-
-
-def encode_rle(mask: np.ndarray) -> dict:
-    """COCO RLE of a 2-D mask via pycocotools: ``{"size": [h, w], "counts": str}``."""
-    rle = coco_mask.encode(np.asfortranarray(mask, dtype=np.uint8))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("utf-8")}
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """Decode :func:`encode_rle` output into a bool ``[h, w]`` mask."""
-    coco = {"size": list(rle["size"]), "counts": rle["counts"].encode("utf-8")}
-    return coco_mask.decode(coco).astype(bool)

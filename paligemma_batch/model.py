@@ -26,6 +26,7 @@ from pathlib import Path
 import fsspec
 
 from paligemma_batch.config import ModelConfig, StorageOptions
+from paligemma_batch.storage import filesystem
 
 PROCESSOR_FILES = (
     "processor_config.json",
@@ -103,8 +104,6 @@ def source_problems(cfg: ModelConfig, storage: StorageOptions) -> list[str]:
         return ["model.revision: applies to hub ids only"]
     try:
         if source.kind == "fsspec":
-            from paligemma_batch.sources import filesystem
-
             fs, root = filesystem(source.location, storage)
             names = _listing(fs, root)
             config_json = fs.cat_file(f"{root}/config.json") if "config.json" in names else b"{}"
@@ -180,8 +179,6 @@ def materialize(uri: str, storage: StorageOptions, cache_dir: str | Path | None 
     key covers the URI and every file's size and ETag, so a changed checkpoint is fetched again. Weights in
     formats that are never loaded are not fetched; processor files already cached are copied, not fetched.
     """
-    from paligemma_batch.sources import filesystem
-
     fs, root = filesystem(uri, storage)
     root = root.rstrip("/")
     everything = _listing(fs, root)
@@ -241,7 +238,7 @@ def _hub_revision(cfg: ModelConfig) -> str | None:
     return cfg.revision if classify_source(cfg.source).kind == "hub" else None
 
 
-def _loading_error(cfg: ModelConfig, err: OSError) -> ModelSourceError:
+def loading_error(cfg: ModelConfig, err: OSError) -> ModelSourceError:
     at = f" at revision {cfg.revision}" if cfg.revision else ""
     return ModelSourceError(f"cannot load model.source {cfg.source}{at}: {err}")
 
@@ -257,7 +254,7 @@ def load_processor(cfg: ModelConfig, storage: StorageOptions):
     try:
         processor = PaliGemmaProcessor.from_pretrained(location, revision=_hub_revision(cfg), trust_remote_code=False)
     except OSError as err:
-        raise _loading_error(cfg, err) from err
+        raise loading_error(cfg, err) from err
     processor.tokenizer.padding_side = "left"
     return processor
 
@@ -366,5 +363,5 @@ def load_model(cfg: ModelConfig, storage: StorageOptions, num_gpus: float = 0):
             trust_remote_code=False,
         )
     except OSError as err:
-        raise _loading_error(cfg, err) from err
+        raise loading_error(cfg, err) from err
     return model.eval()

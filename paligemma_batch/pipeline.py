@@ -1,4 +1,7 @@
-"""Building and running the job: ``validate(config)``, ``build(config, plan)`` and ``run(config)``.
+"""Checking, planning and running the job: ``validate(config)``, ``plan_run(...)`` and ``run(config)``.
+
+Ray-free: the Dataset is built and executed by :mod:`paligemma_batch.distributed.pipeline`, which ``run``
+imports only when the plan has work.
 
 ``run`` validates everything before its first side effect, decides whether this is a new, resumed or
 incremental run, streams the Dataset into the run's Parquet files, then commits the run's manifest, the
@@ -15,26 +18,20 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from paligemma_batch.config import ConfigError, JobConfig
 from paligemma_batch.model import source_problems
-from paligemma_batch.sink import (
-    OutputStore,
-    RunRecord,
-    RunSink,
-    SUMMARY_FILE,
-    ShardLog,
-    WriteStats,
-    new_run_id,
-    now_iso,
-    summarize_rows,
-)
-from paligemma_batch.sources import _is_local, list_shards
+from paligemma_batch.readers import list_shards, reader_for
+from paligemma_batch.storage import is_local
+from paligemma_batch.store import SUMMARY_FILE, OutputStore, RunRecord, WriteStats, new_run_id, now_iso, summarize_rows
+from paligemma_batch.summary import RunSummary
 
 # GPUs without bfloat16 support, as Ray names them in accelerator_type resources.
 NO_BF16_GPUS = {"V100", "T4", "P100", "P4", "K80", "M60", "P40"}
@@ -62,7 +59,7 @@ class RunPlan:
 def _check_output(config: JobConfig) -> list[str]:
     store = OutputStore(config.output.uri, config.output_storage)
     fs, root = store.fs, store.root
-    if _is_local(fs):
+    if is_local(fs):
         path = Path(root)
         ancestor = path
         while not ancestor.exists() and ancestor != ancestor.parent:
@@ -106,20 +103,35 @@ def _check_model(config: JobConfig) -> list[str]:
     return problems
 
 
+def ray_address(config: JobConfig) -> str | None:
+    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (set by ``ray job submit``); None: local."""
+    return config.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def local_gpus() -> int:
+    """GPUs on this machine as ``nvidia-smi -L`` lists them (0 without the tool); never imports torch."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
 def cluster_resources(config: JobConfig) -> dict[str, float]:
-    """The resources the job will run on: the connected cluster's, or what a local Ray would get."""
-    import ray
+    """The resources the job will run on: the addressed or running cluster's, or what a local Ray would get.
 
-    if ray.is_initialized() or _ray_address(config):
-        _init_ray(config)
-        return dict(ray.cluster_resources())
+    Only an addressed (or already connected) cluster is asked; a local run starts no Ray to find out.
+    """
+    ray = sys.modules.get("ray")
+    if ray_address(config) or (ray is not None and ray.is_initialized()):
+        from paligemma_batch.distributed.pipeline import connected_resources
+
+        return connected_resources(config)
     cpus = config.ray.num_cpus or os.cpu_count() or 1
-    if config.ray.num_gpus is not None:
-        gpus = config.ray.num_gpus
-    else:
-        import torch
-
-        gpus = torch.cuda.device_count()
+    gpus = config.ray.num_gpus if config.ray.num_gpus is not None else local_gpus()
     return {"CPU": float(cpus), "GPU": float(gpus)}
 
 
@@ -152,8 +164,8 @@ def validate(config: JobConfig, check_resources: bool = True) -> tuple[list[str]
     else:
         if not shards:
             problems.append(f"input.uri: no {config.input.format} shards at {config.input.uri}")
-    if config.input.format == "images" and any(t.question_key for t in config.tasks):
-        problems.append("tasks: question_key needs webdataset or parquet input")
+    if not reader_for(config.input).has_fields and any(t.question_key for t in config.tasks):
+        problems.append(f"tasks: question_key needs per-image fields, which {config.input.format} input lacks")
     problems += _check_output(config)
     problems += _check_model(config)
     if check_resources:
@@ -178,8 +190,9 @@ def plan_run(config: JobConfig, store: OutputStore, shards: list[str]) -> RunPla
 def _resume_plan(config: JobConfig, store: OutputStore, record: RunRecord) -> RunPlan:
     """Continue ``record``: skip its finished shards, and the committed rows of the others."""
     progress = store.progress(record.run_id)
-    # An image file yields one row; tars and Parquet files record their row count when read to the end.
-    sizes = dict.fromkeys(record.shards, 1) if config.input.format == "images" else store.shard_sizes(record.run_id)
+    # Shards whose row count the reader knows (an image file: 1); others record it when read to the end.
+    reader = reader_for(config.input)
+    sizes = dict.fromkeys(record.shards, 1) if reader.rows_known else store.shard_sizes(record.run_id)
     finished = progress.complete_shards(sizes, len(config.tasks))
     todo = [s for s in record.shards if s not in finished]
     todo_set = set(todo)
@@ -188,149 +201,59 @@ def _resume_plan(config: JobConfig, store: OutputStore, record: RunRecord) -> Ru
     return RunPlan(record, todo, True, done_keys, progress.files)
 
 
-def _ray_address(config: JobConfig) -> str | None:
-    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (set by ``ray job submit``); None: local."""
-    return config.ray.address or os.environ.get("RAY_ADDRESS") or None
+def run(config: JobConfig) -> RunSummary:
+    """Run the whole job and return its summary (also written as ``_SUMMARY.json``).
 
-
-def _init_ray(config: JobConfig) -> bool:
-    """Connect to the configured cluster or start a local Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    address = _ray_address(config)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, **kwargs)
-    return True
-
-
-def build(config: JobConfig, plan: RunPlan, encoder):
-    """The Ray Dataset: shards → read → preprocess (CPU tasks) → PaliGemma (actor pool) → annotated rows."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
-
-    from paligemma_batch.stages import InferenceStage, PreprocessPlan, preprocess, read_shards, wanted_fields
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = config.ray.progress_bars
-    ctx.execution_options.preserve_order = False
-    # An actor whose model fails to load dies; Ray Data replaces it this many times, then fails with the cause.
-    ctx.max_consecutive_actor_init_deaths = config.inference.model_load_retries
-    pre, inf = config.preprocess, config.inference
-    shards_per_read = 32 if config.input.format == "images" else 1
-    ds = ray.data.from_items(
-        [{"shard_uri": s} for s in plan.shards],
-        override_num_blocks=max(1, min(len(plan.shards) // shards_per_read or 1, 10_000)),
-    )
-    ds = ds.map_batches(
-        read_shards,
-        batch_size=shards_per_read,
-        batch_format="pyarrow",
-        num_cpus=pre.num_cpus,
-        fn_kwargs={
-            "input_cfg": config.input,
-            "fields": wanted_fields(config.tasks),
-            "shard_log": None if config.input.format == "images" else ShardLog(
-                OutputStore(config.output.uri, config.output_storage), plan.run_id
-            ),
-        },
-        # A sized pool (no real cap: one task per shard at most) keeps the read out of Ray's operator fusion.
-        # Fused into the stages below, their batch_size would count shard rows: up to 32 shards read one after
-        # another in one task. Apart, each shard is its own read task, running while the actors start.
-        compute=TaskPoolStrategy(size=max(1, len(plan.shards))),
-    )
-    ds = ds.map_batches(
-        preprocess,
-        batch_size=pre.batch_size,
-        batch_format="pyarrow",
-        num_cpus=pre.num_cpus,
-        fn_kwargs={"plan": PreprocessPlan.create(config, encoder, plan.done_keys)},
-    )
-    return ds.map_batches(
-        InferenceStage,
-        batch_size=inf.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=inf.min_actors, max_size=inf.max_actors),
-        num_gpus=inf.num_gpus,
-        num_cpus=inf.num_cpus,
-        fn_constructor_kwargs={"config": config, "run_id": plan.run_id},
-    )
-
-
-def _write(config: JobConfig, store: OutputStore, plan: RunPlan) -> WriteStats:
-    """Stream the plan's shards through the Dataset into part files; the files this attempt committed."""
-    import ray
-
-    from paligemma_batch.prompts import load_prompt_encoder
-    from paligemma_batch.schema import with_metadata
-
-    encoder = load_prompt_encoder(config.model, config.model_storage)
-    schema = with_metadata({"run_id": plan.run_id, "config_hash": config.fingerprint(),
-                            "model_id": config.model.source, "precision": config.model.precision})
-    sink = RunSink(store, plan.run_id, plan.record.attempts, config.output.rows_per_file, schema)
-    try:
-        build(config, plan, encoder).write_datasink(sink, ray_remote_args={"num_cpus": config.preprocess.num_cpus})
-    except ray.exceptions.ActorDiedError as err:
-        retries = config.inference.model_load_retries
-        cause = next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), repr(err))
-        raise RunFailed(
-            f"inference: {retries + 1} actor(s) in a row died loading the model (inference.model_load_retries="
-            f"{retries}); run {plan.run_id} stays resumable. Cause: {cause}"
-        ) from err
-    return sink.stats
-
-
-def run(config: JobConfig) -> dict[str, Any]:
-    """Run the whole job and return its summary (also written as ``_SUMMARY.json``)."""
-    import ray
-
+    Ray starts (or is joined) only once the plan shows work; a run with nothing to do never touches it.
+    """
     problems, shards = validate(config)
     if problems:
         raise ConfigError(problems)
-    started_ray = _init_ray(config)
-    try:
-        store = OutputStore(config.output.uri, config.output_storage)
-        plan = plan_run(config, store, shards)
-        summary_base = {"run_id": plan.run_id, "output": store.run_uri(plan.run_id), "resumed": plan.resumed}
-        if not plan.shards and not plan.resumed:
-            return {**summary_base, "status": "nothing_to_do", "inputs_seen": 0, "rows_written": 0}
-        store.upsert_run(plan.record)
-        t0 = time.perf_counter()
-        written = _write(config, store, plan) if plan.shards else WriteStats()
-        wall = time.perf_counter() - t0
-        discarded = store.finish_run(plan.run_id, {**plan.committed, **written.files})
-        table = store.read_run(plan.run_id, ["image_id", "task", "status", "error", "num_output_tokens",
-                                             "invalid_objects"])
-        summary = {
-            **summary_base,
-            "status": "finished",
-            "config_hash": config.fingerprint(),
-            "model": {"source": config.model.source, "revision": config.model.revision,
-                      "precision": config.model.precision},
-            "masks_decoded": bool(config.model.mask_decoder),
-            "shards": len(plan.record.shards),
-            "shards_read": len(plan.shards),
-            "attempts": plan.record.attempts,
-            **summarize_rows(table),
-            "rows_this_invocation": written.rows,
-            "uncommitted_files_removed": discarded,
-            "wall_time_s": round(wall, 3),
-            "images_per_second": round(written.rows / max(len(config.tasks), 1) / wall, 3) if wall else 0.0,
-            "output_tokens_per_second": None,
-            "files": len(store.data_files(plan.run_id)),
-            "started_at": plan.record.started_at,
-            "finished_at": now_iso(),
-        }
-        summary["output_tokens_per_second"] = round(summary["output_tokens"] / wall, 1) if wall else 0.0
-        store.write_json(store.run_path(plan.run_id, SUMMARY_FILE), summary)
-        store.write_json(store.path(SUMMARY_FILE), summary)
-        plan.record.status, plan.record.finished_at, plan.record.rows = "finished", summary["finished_at"], table.num_rows
-        store.upsert_run(plan.record)
-        return summary
-    finally:
-        if started_ray:
-            ray.shutdown()
+    store = OutputStore(config.output.uri, config.output_storage)
+    plan = plan_run(config, store, shards)
+    if not plan.shards and not plan.resumed:
+        return RunSummary(plan.run_id, store.run_uri(plan.run_id), "nothing_to_do")
+    store.upsert_run(plan.record)
+    t0 = time.perf_counter()
+    if plan.shards:
+        from paligemma_batch.distributed.pipeline import execute
+
+        written = execute(config, store, plan)
+    else:
+        written = WriteStats()
+    wall = time.perf_counter() - t0
+    return _finish(config, store, plan, written, wall)
+
+
+def _finish(config: JobConfig, store: OutputStore, plan: RunPlan, written: WriteStats, wall: float) -> RunSummary:
+    """Commit the run's manifest, summary and index record."""
+    discarded = store.finish_run(plan.run_id, {**plan.committed, **written.files})
+    table = store.read_run(plan.run_id, ["image_id", "task", "status", "error", "num_output_tokens",
+                                         "invalid_objects"])
+    counts = summarize_rows(table)
+    summary = RunSummary(
+        run_id=plan.run_id,
+        output=store.run_uri(plan.run_id),
+        status="finished",
+        resumed=plan.resumed,
+        config_hash=config.fingerprint(),
+        model={"source": config.model.source, "revision": config.model.revision, "precision": config.model.precision},
+        masks_decoded=bool(config.model.mask_decoder),
+        shards=len(plan.record.shards),
+        shards_read=len(plan.shards),
+        attempts=plan.record.attempts,
+        **counts,
+        rows_this_invocation=written.rows,
+        uncommitted_files_removed=discarded,
+        wall_time_s=round(wall, 3),
+        images_per_second=round(written.rows / max(len(config.tasks), 1) / wall, 3) if wall else 0.0,
+        output_tokens_per_second=round(counts["output_tokens"] / wall, 1) if wall else 0.0,
+        files=len(store.data_files(plan.run_id)),
+        started_at=plan.record.started_at,
+        finished_at=now_iso(),
+    )
+    store.write_bytes(store.run_path(plan.run_id, SUMMARY_FILE), summary.to_json())
+    store.write_bytes(store.path(SUMMARY_FILE), summary.to_json())
+    plan.record.status, plan.record.finished_at, plan.record.rows = "finished", summary.finished_at, table.num_rows
+    store.upsert_run(plan.record)
+    return summary

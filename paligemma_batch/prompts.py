@@ -98,7 +98,7 @@ def _text_ids(digest: str, text: str) -> tuple[int, ...]:
 
 def load_prompt_encoder(cfg: ModelConfig, storage: StorageOptions) -> PromptEncoder:
     """The encoder of ``model.source`` (hub id + revision, local folder or fsspec URI); fetches no weights."""
-    from paligemma_batch.model import ModelSourceError, _loading_error, classify_source, local_folder
+    from paligemma_batch.model import ModelSourceError, classify_source, loading_error, local_folder
 
     if classify_source(cfg.source).kind != "hub":
         return PromptEncoder.from_folder(local_folder(cfg, storage, processor_only=True))
@@ -107,7 +107,7 @@ def load_prompt_encoder(cfg: ModelConfig, storage: StorageOptions) -> PromptEnco
     try:  # honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE like from_pretrained
         folder = snapshot_download(cfg.source, revision=cfg.revision, allow_patterns=["tokenizer.json", *SETTINGS_FILES])
     except OSError as err:
-        raise _loading_error(cfg, err) from err
+        raise loading_error(cfg, err) from err
     if not (Path(folder) / "tokenizer.json").is_file():
         raise ModelSourceError(f"model.source {cfg.source} has no tokenizer.json")
     return PromptEncoder.from_folder(folder)

@@ -13,7 +13,7 @@ import io
 import posixpath
 import random
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
@@ -24,6 +24,7 @@ from PIL import Image
 
 from paligemma_batch.config import InputConfig, StorageOptions
 from paligemma_batch.export import RowObject, row_objects
+from paligemma_batch.summary import RunSummary
 from paligemma_batch.results import SourceImage, read_results, read_source_images, write_beside
 
 # --- the end-of-run table -------------------------------------------------------------------------------
@@ -37,9 +38,9 @@ def _root_of(run_uri: str) -> str:
     return posixpath.dirname(posixpath.dirname(run_uri.rstrip("/")))
 
 
-def _task_rows(summary: Mapping[str, Any]) -> list[tuple[str, int, int, int]]:
+def _task_rows(summary: RunSummary) -> list[tuple[str, int, int, int]]:
     rows = []
-    for task, counts in summary.get("rows_by_task", {}).items():
+    for task, counts in summary.rows_by_task.items():
         ok, error = counts.get("ok", 0), counts.get("error", 0)
         rows.append((task, ok, error, sum(counts.values())))
     return rows
@@ -50,31 +51,31 @@ def _short(text: str, width: int = ERROR_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def run_report_text(summary: Mapping[str, Any]) -> str:
+def run_report_text(summary: RunSummary) -> str:
     """The end-of-run report as plain text: rows by task and status, top errors, throughput, locations."""
-    out = summary["output"].rstrip("/")
+    out = summary.output.rstrip("/")
     lines = [
-        f"run {summary['run_id']} {summary.get('status', '')}: {summary.get('inputs_seen', 0)} images, "
-        f"{summary.get('rows_written', 0)} rows ({summary.get('rows_ok', 0)} ok, "
-        f"{summary.get('rows_error', 0)} error) in {summary.get('wall_time_s', 0)} s",
+        f"run {summary.run_id} {summary.status}: {summary.inputs_seen} images, "
+        f"{summary.rows_written} rows ({summary.rows_ok} ok, "
+        f"{summary.rows_error} error) in {summary.wall_time_s} s",
     ]
     task_rows = _task_rows(summary)
     width = max([len("task")] + [len(t) for t, *_ in task_rows])
     lines.append(f"  {'task':<{width}}  {'ok':>8}  {'error':>8}  {'total':>8}")
     lines += [f"  {t:<{width}}  {ok:>8}  {err:>8}  {total:>8}" for t, ok, err, total in task_rows]
-    reasons = summary.get("top_error_reasons") or []
+    reasons = summary.top_error_reasons
     if reasons:
         lines.append("top errors:")
         lines += [f"  {r['rows']:>8}  {_short(r['error'])}" for r in reasons[:TOP_ERRORS]]
-    lines.append(f"throughput: {summary.get('images_per_second', 0)} images/s, "
-                 f"{summary.get('output_tokens_per_second', 0)} output tokens/s")
+    lines.append(f"throughput: {summary.images_per_second} images/s, "
+                 f"{summary.output_tokens_per_second} output tokens/s")
     lines.append(f"output:  {out}/")
     lines.append(f"summary: {out}/_SUMMARY.json")
     lines.append(f"inspect: paligemma-batch inspect {_root_of(out)}")
     return "\n".join(lines)
 
 
-def print_run_report(summary: Mapping[str, Any], file: TextIO | None = None) -> None:
+def print_run_report(summary: RunSummary, file: TextIO | None = None) -> None:
     """Print the end-of-run report: a rich table on a terminal, plain text otherwise."""
     file = file or sys.stdout
     if not file.isatty():
@@ -83,22 +84,22 @@ def print_run_report(summary: Mapping[str, Any], file: TextIO | None = None) -> 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"run {summary['run_id']} · {summary.get('inputs_seen', 0)} images · "
-                        f"{summary.get('wall_time_s', 0)} s", title_justify="left")
+    table = Table(title=f"run {summary.run_id} · {summary.inputs_seen} images · "
+                        f"{summary.wall_time_s} s", title_justify="left")
     table.add_column("task")
     for name in ("ok", "error", "total"):
         table.add_column(name, justify="right")
     for task, ok, error, total in _task_rows(summary):
         table.add_row(task, str(ok), f"[red]{error}[/red]" if error else "0", str(total))
-    table.add_row("all", str(summary.get("rows_ok", 0)), str(summary.get("rows_error", 0)),
-                  str(summary.get("rows_written", 0)), style="bold")
+    table.add_row("all", str(summary.rows_ok), str(summary.rows_error),
+                  str(summary.rows_written), style="bold")
     console = Console(file=file)
     console.print(table)
-    for r in (summary.get("top_error_reasons") or [])[:TOP_ERRORS]:
+    for r in summary.top_error_reasons[:TOP_ERRORS]:
         console.print(f"  [red]{r['rows']:>6}[/red]  {_short(r['error'])}", highlight=False, markup=True)
-    out = summary["output"].rstrip("/")
-    console.print(f"[bold]{summary.get('images_per_second', 0)}[/bold] images/s · "
-                  f"[bold]{summary.get('output_tokens_per_second', 0)}[/bold] output tokens/s")
+    out = summary.output.rstrip("/")
+    console.print(f"[bold]{summary.images_per_second}[/bold] images/s · "
+                  f"[bold]{summary.output_tokens_per_second}[/bold] output tokens/s")
     console.print(f"output:  {out}/\nsummary: {out}/_SUMMARY.json\ninspect: paligemma-batch inspect "
                   f"{_root_of(out)}", highlight=False)
 
@@ -228,7 +229,7 @@ def _hex_rgb(color: str) -> tuple[int, int, int]:
 
 def _mask_overlay(objects: list[RowObject], colors: dict[str, str], size: tuple[int, int]) -> Image.Image | None:
     """One RGBA image of thumbnail size: each mask in its label's colour at MASK_ALPHA, transparent elsewhere."""
-    from paligemma_batch.masks import decode_rle
+    from paligemma_batch.rle import decode_rle
 
     overlay = np.zeros((size[1], size[0], 4), np.uint8)
     drawn = False

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paligemma_batch.config import InputConfig, StorageOptions
-from paligemma_batch.sink import OutputStore
+from paligemma_batch.readers import SourceImage, reader_for, reader_for_shard
+from paligemma_batch.storage import write_uri
+from paligemma_batch.store import OutputStore
 
 # Shards read at the same time when fetching source images (object storage latency dominates).
 READ_THREADS = 8
@@ -47,19 +47,12 @@ def result_runs(store: OutputStore, run_id: str | None = None) -> list[str]:
 def write_beside(uri: str, output: str | None, name: str, data: bytes,
                  storage_options: StorageOptions | Mapping[str, Any] | None = None) -> str:
     """Write ``data`` to ``output`` (a local path or fsspec URI), or by default as ``name`` in the output root."""
-    from paligemma_batch.sources import filesystem
-
     storage = _storage(storage_options)
     if output is None:
         store = OutputStore(uri, storage)
         store.write_bytes(store.path(name), data)
         return f"{store.uri}/{name}"
-    if "://" in output:
-        fs, path = filesystem(output, storage)
-        fs.pipe_file(path, data)
-    else:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_bytes(data)
+    write_uri(output, data, storage)
     return output
 
 
@@ -97,37 +90,13 @@ def read_results(
     return table
 
 
-@dataclass(frozen=True)
-class SourceImage:
-    """One image read back from its shard: the bytes, or why they could not be had."""
-
-    data: bytes | None
-    error: str | None = None
-
-
-def shard_format(shard_uri: str) -> str:
-    """The input format a shard URI implies: ``.tar`` webdataset, ``.parquet`` Parquet, else an image file."""
-    name = shard_uri.lower()
-    return "webdataset" if name.endswith(".tar") else "parquet" if name.endswith(".parquet") else "images"
-
-
 def _read_shard(shard_uri: str, wanted: set[str], template: InputConfig | None,
                 storage: StorageOptions) -> dict[str, SourceImage]:
-    from paligemma_batch.sources import iter_rows
-
     if template is not None:
-        cfg = template.model_copy(update={"uri": shard_uri})
+        reader = reader_for(template.model_copy(update={"uri": shard_uri}))
     else:
-        cfg = InputConfig(uri=shard_uri, format=shard_format(shard_uri), storage_options=storage)
-    found: dict[str, SourceImage] = {}
-    for row in iter_rows(shard_uri, cfg):
-        if row.image_id in wanted:
-            found[row.image_id] = SourceImage(row.data, row.error)
-            if len(found) == len(wanted):
-                break
-    for image_id in wanted - found.keys():
-        found[image_id] = SourceImage(None, f"not found in {shard_uri}")
-    return found
+        reader = reader_for_shard(shard_uri, storage)
+    return reader.find(shard_uri, wanted)
 
 
 def read_source_images(

@@ -37,7 +37,7 @@ def tiny_model_v2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vae_npz(tmp_path_factory) -> Path:
     """A random mask codec with vae-oid.npz's keys (narrow widths, so it decodes fast)."""
-    from paligemma_batch.masks import random_vae_arrays, save_vae_npz
+    from paligemma_batch.fixtures.vae import random_vae_arrays, save_vae_npz
 
     path = tmp_path_factory.mktemp("vae") / "vae-oid.npz"
     save_vae_npz(random_vae_arrays(seed=1, embedding_dim=32, channels=32), str(path))

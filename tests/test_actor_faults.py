@@ -16,7 +16,7 @@ import pytest
 from conftest import job_config
 from exactly_once import expected_keys, output_keys
 from paligemma_batch.config import StorageOptions
-from paligemma_batch.sink import OutputStore
+from paligemma_batch.store import OutputStore
 
 TASKS = [{"task": "caption", "lang": "en"}, {"task": "prompt", "prompt": "describe the colours"}]
 

@@ -6,7 +6,9 @@ import numpy as np
 import pyarrow as pa
 
 from paligemma_batch.annotate import Item, annotate
-from paligemma_batch.masks import MaskDecoder, decode_rle, paste_mask, random_vae_arrays
+from paligemma_batch.fixtures.vae import random_vae_arrays
+from paligemma_batch.masks import MaskDecoder
+from paligemma_batch.rle import decode_rle, paste_mask
 from paligemma_batch.schema import ANNOTATIONS
 
 

@@ -10,7 +10,7 @@ from bad_corpus import MAX_PIXELS, write_corpus
 from conftest import job_config
 from paligemma_batch import pipeline
 from paligemma_batch.config import StorageOptions
-from paligemma_batch.sink import OutputStore
+from paligemma_batch.store import OutputStore
 
 
 def test_bad_inputs_never_kill_the_job(ray_local, tmp_path, tiny_model_dir, monkeypatch):

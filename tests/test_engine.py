@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from paligemma_batch.engine import Engine, Request, left_pad, model_input_size, prompt_ids
+from paligemma_batch.engines.transformers_engine import TransformersEngine, Request, left_pad, model_input_size, prompt_ids
 from paligemma_batch.images import decode_image
 
 # Prompts of different lengths, so left padding is exercised.
@@ -49,7 +49,7 @@ def _pixels(processor, data: bytes) -> np.ndarray:
 
 def test_prompt_ids_and_pixel_values_match_the_processor(loaded, images):
     model, processor = loaded
-    engine = Engine(model, processor, max_new_tokens=4)
+    engine = TransformersEngine(model, processor, max_new_tokens=4)
     for data in images:
         image = Image.open(io.BytesIO(data)).convert("RGB")
         for prompt in PROMPTS:
@@ -67,7 +67,7 @@ def test_left_pad_aligns_sequences_on_the_right():
 
 def test_batched_generation_equals_batch_size_one_token_for_token(loaded, images):
     model, processor = loaded
-    engine = Engine(model, processor, max_new_tokens=12)
+    engine = TransformersEngine(model, processor, max_new_tokens=12)
     pixels = [_pixels(processor, data) for data in images]
     requests = [Request(i, prompt_ids(processor, p)) for i in range(len(pixels)) for p in PROMPTS]
     batched = engine.generate(pixels, requests)
@@ -80,7 +80,7 @@ def test_batched_generation_equals_batch_size_one_token_for_token(loaded, images
 
 def test_vision_once_equals_plain_generate_on_processor_inputs(loaded, images):
     model, processor = loaded
-    engine = Engine(model, processor, max_new_tokens=12)
+    engine = TransformersEngine(model, processor, max_new_tokens=12)
     pairs = [(i, p) for i in range(len(images)) for p in PROMPTS]
     ours = engine.generate([_pixels(processor, data) for data in images],
                            [Request(i, prompt_ids(processor, p)) for i, p in pairs])
@@ -96,7 +96,7 @@ def test_vision_once_equals_plain_generate_on_processor_inputs(loaded, images):
 
 def test_generate_from_features_on_any_subset_matches_the_whole_batch(loaded, images):
     model, processor = loaded
-    engine = Engine(model, processor, max_new_tokens=10)
+    engine = TransformersEngine(model, processor, max_new_tokens=10)
     pixels = [_pixels(processor, data) for data in images]
     requests = [Request(i, prompt_ids(processor, p)) for i in range(len(pixels)) for p in PROMPTS]
     features = engine.image_features(pixels)
@@ -121,8 +121,8 @@ def test_min_new_tokens_forces_the_length(loaded, images):
     pixels, request = [_pixels(processor, images[0])], [Request(0, prompt_ids(processor, "caption en"))]
     hook = model.lm_head.register_forward_hook(eos_first)
     try:
-        free = Engine(model, processor, max_new_tokens=9).generate(pixels, request)
-        forced = Engine(model, processor, max_new_tokens=9, min_new_tokens=9).generate(pixels, request)
+        free = TransformersEngine(model, processor, max_new_tokens=9).generate(pixels, request)
+        forced = TransformersEngine(model, processor, max_new_tokens=9, min_new_tokens=9).generate(pixels, request)
     finally:
         hook.remove()
     assert free[0].token_ids == [eos] and free[0].num_output_tokens == 1
@@ -133,11 +133,11 @@ def test_static_cache_gives_the_same_tokens(loaded, images):
     model, processor = loaded
     pixels = [_pixels(processor, data) for data in images]
     requests = [Request(i, prompt_ids(processor, p)) for i in range(len(pixels)) for p in PROMPTS[:2]]
-    dynamic = Engine(model, processor, max_new_tokens=8).generate(pixels, requests)
-    static = Engine(model, processor, max_new_tokens=8, cache_implementation="static").generate(pixels, requests)
+    dynamic = TransformersEngine(model, processor, max_new_tokens=8).generate(pixels, requests)
+    static = TransformersEngine(model, processor, max_new_tokens=8, cache_implementation="static").generate(pixels, requests)
     assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
 
 
 def test_no_requests_generate_nothing(loaded):
     model, processor = loaded
-    assert Engine(model, processor, max_new_tokens=4).generate([], []) == []
+    assert TransformersEngine(model, processor, max_new_tokens=4).generate([], []) == []

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from paligemma_batch.config import StorageOptions
 from paligemma_batch.evaluate import evaluate, read_ground_truth, score, write_heldout
-from paligemma_batch.masks import decode_rle, encode_rle
+from paligemma_batch.rle import decode_rle, encode_rle
 from paligemma_batch.schema import ANNOTATIONS
 
 IMAGES = 32

@@ -18,7 +18,7 @@ from paligemma_batch.cli import app
 from paligemma_batch.config import StorageOptions
 from paligemma_batch.export import object_tasks, row_objects, to_coco, to_supervision
 from paligemma_batch.fixtures.scenes import SHAPES
-from paligemma_batch.masks import decode_rle
+from paligemma_batch.rle import decode_rle
 from paligemma_batch.results import read_results
 from paligemma_batch.schema import ANNOTATIONS
 from test_results import scene_truth, truth_rows, write_output

@@ -13,7 +13,7 @@ from conftest import job_config
 from paligemma_batch.cli import app
 from paligemma_batch.config import StorageOptions
 from paligemma_batch.pipeline import plan_run, validate
-from paligemma_batch.sink import OutputStore, RunRecord
+from paligemma_batch.store import OutputStore, RunRecord
 
 TASKS = [{"task": "caption", "lang": "en"}, {"task": "prompt", "prompt": "describe the colours"}]
 

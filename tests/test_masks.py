@@ -6,14 +6,9 @@ import pytest
 import torch
 from pycocotools import mask as coco_mask
 
-from paligemma_batch.masks import (
-    MaskDecoder,
-    decode_rle,
-    encode_rle,
-    paste_mask,
-    random_vae_arrays,
-    save_vae_npz,
-)
+from paligemma_batch.masks import MaskDecoder
+from paligemma_batch.rle import decode_rle, encode_rle, paste_mask
+from paligemma_batch.fixtures.vae import random_vae_arrays, save_vae_npz
 
 # Shapes of the real gs://big_vision/paligemma/vae-oid.npz.
 REAL_SHAPES = {

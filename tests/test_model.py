@@ -36,7 +36,7 @@ from paligemma_batch.model import (
     source_problems,
 )
 from paligemma_batch.pipeline import run, validate
-from paligemma_batch.sink import OutputStore
+from paligemma_batch.store import OutputStore
 
 NO_STORAGE = StorageOptions()
 
@@ -418,7 +418,7 @@ def tiny_v2_32px(tmp_path_factory) -> Path:
 def test_paligemma2_resolution_comes_from_the_checkpoint(tiny_model_v2_dir, tiny_v2_32px, scene_shards):
     import numpy as np
 
-    from paligemma_batch.engine import Engine, Request, model_input_size, prompt_ids
+    from paligemma_batch.engines.transformers_engine import TransformersEngine, Request, model_input_size, prompt_ids
 
     for folder, size, tokens in ((tiny_model_v2_dir, 64, 16), (tiny_v2_32px, 32, 4)):
         cfg = ModelConfig(source=str(folder), precision="float32")
@@ -427,7 +427,7 @@ def test_paligemma2_resolution_comes_from_the_checkpoint(tiny_model_v2_dir, tiny
         assert model_input_size(processor) == (size, size) and processor.image_seq_length == tokens
         ids = prompt_ids(processor, "caption en")
         assert ids[:tokens] == [processor.image_token_id] * tokens and ids[tokens] != processor.image_token_id
-        engine = Engine(model, processor, max_new_tokens=3)
+        engine = TransformersEngine(model, processor, max_new_tokens=3)
         pixels = [np.full((size, size, 3), 100 + 50 * i, np.uint8) for i in range(2)]
         assert tuple(engine.pixel_values(pixels).shape) == (2, 3, size, size)
         out = engine.generate(pixels, [Request(0, ids), Request(1, ids)])
@@ -441,7 +441,7 @@ def test_paligemma2_end_to_end(ray_local, tmp_path, tiny_v2_32px, scene_shards):
     assert summary["rows_written"] == 4 * 2 and summary["rows_error"] == 0
     rows = OutputStore(str(tmp_path / "out"), NO_STORAGE).read_run(summary["run_id"]).to_pylist()
     processor = load_processor(config.model, NO_STORAGE)
-    from paligemma_batch.engine import prompt_ids
+    from paligemma_batch.engines.transformers_engine import prompt_ids
 
     for row in rows:
         assert row["status"] == "ok" and row["num_output_tokens"] >= 1

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import job_config
 from paligemma_batch.config import StorageOptions
 from paligemma_batch.pipeline import run
-from paligemma_batch.sink import OutputStore
+from paligemma_batch.store import OutputStore
 
 
 def _read_output(uri: str, storage: StorageOptions, run_id: str) -> pa.Table:

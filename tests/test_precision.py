@@ -16,12 +16,12 @@ import torch
 
 from conftest import job_config
 from paligemma_batch.config import InputConfig, ModelConfig, StorageOptions
-from paligemma_batch.engine import Engine, Request, model_input_size, prompt_ids
+from paligemma_batch.engines.transformers_engine import TransformersEngine, Request, model_input_size, prompt_ids
 from paligemma_batch.images import decode_image
 from paligemma_batch.model import load_model, load_processor
 from paligemma_batch.pipeline import run
-from paligemma_batch.sink import OutputStore
-from paligemma_batch.sources import iter_rows
+from paligemma_batch.store import OutputStore
+from paligemma_batch.readers import iter_rows
 
 PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4")
 PROMPTS = ("caption en", "detect circle ; square", "answer en what color is the circle?")
@@ -60,7 +60,7 @@ def _run_precision(model_dir: Path, precision: str, pixels: list[np.ndarray]):
     cfg = ModelConfig(source=str(model_dir), precision=precision)
     processor = load_processor(cfg, StorageOptions())
     model = load_model(cfg, StorageOptions())
-    engine = Engine(model, processor, max_new_tokens=8)
+    engine = TransformersEngine(model, processor, max_new_tokens=8)
     ids = [prompt_ids(processor, p) for p in PROMPTS]
     generated = engine.generate(pixels, [Request(i, prompt) for prompt in ids for i in range(len(pixels))])
     with torch.inference_mode():  # one forward per prompt over all images: same length, so no padding
@@ -72,7 +72,7 @@ def _run_precision(model_dir: Path, precision: str, pixels: list[np.ndarray]):
     return model, engine, generated, logits
 
 
-def _check_loaded_as_asked(model, engine: Engine, precision: str) -> None:
+def _check_loaded_as_asked(model, engine: TransformersEngine, precision: str) -> None:
     import bitsandbytes as bnb
 
     decoder_linear = model.model.language_model.layers[0].mlp.down_proj
@@ -183,6 +183,6 @@ def test_int4_on_cpu_keeps_unpackable_layers_unquantized(tmp_path, tiny_model_di
     assert isinstance(model.model.vision_tower.encoder.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert isinstance(model.model.language_model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
     pixels = _scene_pixels(scene_shards[0], model_input_size(processor))
-    generated = Engine(model, processor, max_new_tokens=3).generate(
+    generated = TransformersEngine(model, processor, max_new_tokens=3).generate(
         pixels, [Request(i, prompt_ids(processor, "caption en")) for i in range(len(pixels))])
     assert len(generated) == len(pixels) and all(g.num_output_tokens >= 1 for g in generated)

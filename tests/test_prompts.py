@@ -87,8 +87,9 @@ import sys
 import pyarrow as pa
 from paligemma_batch.config import JobConfig
 from paligemma_batch.prompts import load_prompt_encoder
-from paligemma_batch.sources import iter_rows, row_to_dict
-from paligemma_batch.stages import SOURCE_SCHEMA, PreprocessPlan, preprocess
+from paligemma_batch.distributed.stages import row_to_dict
+from paligemma_batch.readers import iter_rows
+from paligemma_batch.distributed.stages import SOURCE_SCHEMA, PreprocessPlan, preprocess
 
 config = JobConfig.model_validate({"input": {"uri": sys.argv[1]}, "output": {"uri": sys.argv[2]},
                                    "model": {"source": sys.argv[3]}, "tasks": [{"task": "caption"}]})

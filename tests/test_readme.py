@@ -35,3 +35,12 @@ def test_every_output_column_is_documented():
 
 def test_readme_shows_the_two_commands():
     assert "make demo" in README and "make test" in README
+
+
+def test_the_reference_is_generated_from_the_config_models():
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "docs" / "config_reference.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, "README's reference is stale: run python docs/config_reference.py"

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from conftest import job_config
 from paligemma_batch import report
 from paligemma_batch.cli import app
-from paligemma_batch.masks import decode_rle
+from paligemma_batch.rle import decode_rle
+from paligemma_batch.summary import RunSummary
 from paligemma_batch.pipeline import run
 from paligemma_batch.results import read_results
 from test_results import ERROR_ROW, scene_truth, truth_rows, write_output
@@ -268,14 +269,14 @@ def test_inspect_s3_output_with_config(s3_bucket, s3_endpoint, scene_shards, tmp
     assert len(cards(page)) == 3 and page.count('class="thumb"') == 3 and "image unavailable" not in page
 
 
-SUMMARY = {
+SUMMARY = RunSummary(**{
     "run_id": "20260101T000000Z-abc123", "status": "finished", "output": "s3://b/out/runs/20260101T000000Z-abc123",
     "inputs_seen": 10, "rows_written": 20, "rows_ok": 17, "rows_error": 3,
     "rows_by_task": {"caption": {"ok": 10}, "detect": {"ok": 7, "error": 3}},
     "top_error_reasons": [{"error": "decode: UnidentifiedImageError: cannot identify image file", "rows": 2},
                           {"error": "read: no image member (found: txt)", "rows": 1}],
     "images_per_second": 12.5, "output_tokens_per_second": 480.2, "wall_time_s": 1.6,
-}
+})
 
 
 def test_run_report_plain_text():

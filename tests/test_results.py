@@ -18,7 +18,7 @@ import pytest
 from paligemma_batch.config import StorageOptions
 from paligemma_batch.results import read_results, read_source_images
 from paligemma_batch.schema import ANNOTATIONS
-from paligemma_batch.sink import OutputStore, RunRecord, now_iso
+from paligemma_batch.store import OutputStore, RunRecord, now_iso
 
 ERROR_ROW = "decode: broken on purpose"
 
@@ -60,7 +60,7 @@ def truth_rows(shards: list[Path], shard_uri=str) -> list[dict]:
 
 
 def _area(rle: dict) -> int:
-    from paligemma_batch.masks import decode_rle
+    from paligemma_batch.rle import decode_rle
 
     return int(decode_rle(rle).sum())
 

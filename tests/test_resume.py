@@ -18,7 +18,7 @@ import yaml
 from conftest import job_config
 from exactly_once import committed_rows, expected_keys, kill_processes_with_env, output_keys, start_job
 from paligemma_batch.config import StorageOptions
-from paligemma_batch.sink import INDEX_FILE, MANIFEST_FILE, OutputStore
+from paligemma_batch.store import INDEX_FILE, MANIFEST_FILE, OutputStore
 
 TASKS = [{"task": "caption", "lang": "en"}, {"task": "prompt", "prompt": "describe the colours"}]
 TASK_NAMES = ["caption", "prompt"]

@@ -10,7 +10,7 @@ from conftest import job_config
 from paligemma_batch.model import load_processor
 from paligemma_batch.prompts import load_prompt_encoder
 from paligemma_batch.schema import ANNOTATIONS
-from paligemma_batch.stages import PREPARED_SCHEMA, SOURCE_SCHEMA, InferenceStage, PreprocessPlan, preprocess, read_shards
+from paligemma_batch.distributed.stages import PREPARED_SCHEMA, SOURCE_SCHEMA, InferenceStage, PreprocessPlan, preprocess, read_shards
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from conftest import job_config
 from fault_proxy import FaultProxy
 from paligemma_batch.config import StorageOptions
 from paligemma_batch.pipeline import run
-from paligemma_batch.sink import OutputStore
-from paligemma_batch.sources import filesystem
+from paligemma_batch.store import OutputStore
+from paligemma_batch.storage import filesystem
 
 FAULT_SEED = 20261127
 

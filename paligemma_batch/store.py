@@ -1,4 +1,6 @@
-"""Writing Parquet under a run prefix, the run index, ``_SUMMARY.json`` and exactly-once bookkeeping.
+"""The output store: part files under a run prefix, the run index, summaries and exactly-once bookkeeping.
+
+Ray-free: the Ray layer's Datasink (:mod:`paligemma_batch.distributed.sink`) calls :meth:`OutputStore.write_part`.
 
 Layout under the output root::
 
@@ -26,19 +28,16 @@ import logging
 import posixpath
 import uuid
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
 from paligemma_batch.config import StorageOptions
 from paligemma_batch.schema import ANNOTATIONS
-from paligemma_batch.sources import _is_local, filesystem
+from paligemma_batch.storage import atomic_write, filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -125,14 +124,15 @@ class OutputStore:
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Commit ``data`` at ``path`` whole or not at all."""
-        if _is_local(self.fs):
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            self.fs.mv(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+        atomic_write(self.fs, path, data)
+
+    def write_part(self, run_id: str, attempt: int, table: pa.Table) -> str:
+        """Commit one part file of ``table`` (already in the output schema) for ``attempt``; its path."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        path = self.run_path(run_id, f"part-a{attempt}-{uuid.uuid4().hex}.parquet")
+        self.write_bytes(path, buf.getvalue())
+        return path
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False).encode())
@@ -266,47 +266,6 @@ class ShardLog:
 
     def record(self, shard: str, rows: int) -> None:
         self.store.mark_shard(self.run_id, shard, rows)
-
-
-class RunSink(Datasink[WriteStats]):
-    """A Ray Data sink writing the annotations schema under ``runs/RUN_ID/``, each file atomically.
-
-    The files a write task returns are the invocation's committed files (``stats``); a task attempt that
-    failed after committing some files is retried, and its files are left out of the manifest.
-    """
-
-    def __init__(self, store: OutputStore, run_id: str, attempt: int, rows_per_file: int, schema: pa.Schema):
-        self.store = store
-        self.run_id = run_id
-        self.attempt = attempt
-        self.rows_per_file = rows_per_file
-        self.schema = schema
-        self.stats = WriteStats()
-
-    def write(self, blocks: Iterable, ctx) -> WriteStats:
-        stats = WriteStats()
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return stats
-        table = pa.concat_tables([t.select(self.schema.names).cast(self.schema) for t in tables])
-        for start in range(0, table.num_rows, self.rows_per_file):
-            part = table.slice(start, self.rows_per_file)
-            buf = io.BytesIO()
-            pq.write_table(part, buf, compression="zstd")
-            path = self.store.run_path(self.run_id, f"part-a{self.attempt}-{uuid.uuid4().hex}.parquet")
-            self.store.write_bytes(path, buf.getvalue())
-            stats.files[path] = part.num_rows
-        return stats
-
-    @property
-    def min_rows_per_write(self) -> int:
-        """Ray gathers a file's worth of rows before a write: fewer, fuller files and write tasks."""
-        return self.rows_per_file
-
-    def on_write_complete(self, write_result) -> None:
-        for stats in write_result.write_returns:
-            self.stats.merge(stats)
 
 
 def error_kind(error: str | None) -> str:

@@ -1,4 +1,4 @@
-"""Batched PaliGemma generation: one batch of (pixels, prompt tokens) → generated text and token counts.
+"""The transformers engine: batched PaliGemma generation, one batch of (pixels, prompt tokens) → text and counts.
 
 Greedy decoding with left padding, the vision tower run once per image however many prompts share it, and
 only the new tokens decoded (``<loc>``/``<seg>`` tokens are kept in the text). Knows nothing of Ray or I/O.
@@ -6,27 +6,13 @@ only the new tokens decoded (``<loc>``/``<seg>`` tokens are kept in the text). K
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from paligemma_batch.config import ModelConfig, StorageOptions
+from paligemma_batch.engines.base import Engine, Generated, Request
 from paligemma_batch.images import normalize
-
-
-@dataclass(frozen=True)
-class Request:
-    image_index: int  # which image of the batch the prompt is about
-    input_ids: list[int]  # the full prompt: <image>×N, <bos>, prompt tokens, "\n"
-
-
-@dataclass(frozen=True)
-class Generated:
-    text: str
-    num_input_tokens: int
-    num_output_tokens: int
-    token_ids: list[int]
 
 
 def prompt_ids(processor, prompt: str) -> list[int]:
@@ -52,8 +38,8 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return input_ids, attention
 
 
-class Engine:
-    """Wraps a loaded model and its processor for batched greedy generation.
+class TransformersEngine(Engine):
+    """Wraps a loaded transformers model and its processor for batched greedy generation.
 
     ``cache_implementation`` is passed to ``generate`` ("static" also compiles the decode step on GPU).
     """
@@ -69,9 +55,19 @@ class Engine:
         self.eos_id = processor.tokenizer.eos_token_id
         ip = processor.image_processor
         self._mean, self._std, self._rescale = ip.image_mean, ip.image_std, ip.rescale_factor
-        embeddings = model.get_input_embeddings()
-        self.device = embeddings.weight.device
+        self._device = model.get_input_embeddings().weight.device
         self.pixel_dtype = model.model.vision_tower.embeddings.patch_embedding.weight.dtype
+
+    @classmethod
+    def load(cls, model: ModelConfig, storage: StorageOptions, num_gpus: float) -> TransformersEngine:
+        from paligemma_batch.model import load_model, load_processor
+
+        processor = load_processor(model, storage)
+        return cls(load_model(model, storage, num_gpus), processor, model.max_new_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     def pixel_values(self, pixels: list[np.ndarray]) -> torch.Tensor:
         """uint8 [H, W, 3] images → normalized ``pixel_values`` in the vision tower's dtype and device."""

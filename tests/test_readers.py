@@ -16,7 +16,7 @@ import pytest
 
 from bad_corpus import Sample, Symlink, encode, key_samples, noise_jpeg, sample_ids, solid, tar_bytes, write_corpus
 from paligemma_batch.config import InputConfig
-from paligemma_batch.sources import iter_rows, list_shards
+from paligemma_batch.readers import iter_rows, list_shards
 
 RNG_SEED = 11
 

@@ -16,9 +16,9 @@ import pyarrow as pa
 from paligemma_batch.config import InputConfig, JobConfig, TaskConfig
 from paligemma_batch.images import ImageDecodeError, decode_image
 from paligemma_batch.prompts import PromptEncoder
+from paligemma_batch.readers import SourceRow, reader_for
 from paligemma_batch.schema import ANNOTATIONS
-from paligemma_batch.sink import ShardLog, row_key
-from paligemma_batch.sources import iter_rows, row_to_dict
+from paligemma_batch.store import ShardLog, row_key
 
 SOURCE_SCHEMA = pa.schema(
     [
@@ -47,6 +47,17 @@ PREPARED_SCHEMA = pa.schema(
 READ_ROWS_PER_BLOCK = 64
 
 
+def row_to_dict(row: SourceRow) -> dict:
+    """A source row in :data:`SOURCE_SCHEMA`'s layout."""
+    return {
+        "image_id": row.image_id,
+        "source_uri": row.source_uri,
+        "data": row.data,
+        "fields": json.dumps(row.fields, ensure_ascii=False),
+        "error": row.error,
+    }
+
+
 def wanted_fields(tasks: list[TaskConfig]) -> list[str]:
     """The sidecar members / columns the reader must fetch for per-image prompts."""
     return sorted({t.question_key for t in tasks if t.question_key})
@@ -61,9 +72,10 @@ def read_shards(
     run can tell finished shards from unfinished ones without reading them again.
     """
     rows: list[dict] = []
+    reader = reader_for(input_cfg)
     for uri in batch["shard_uri"].to_pylist():
         count = 0
-        for row in iter_rows(uri, input_cfg, fields):
+        for row in reader.iter_rows(uri, fields):
             count += 1
             rows.append(row_to_dict(row))
             if len(rows) >= READ_ROWS_PER_BLOCK:
@@ -137,21 +149,20 @@ class InferenceStage:
     """Ray actor stage: one model per actor, loaded when Ray constructs the actor; a batch of images in,
     one annotated row per (image, task) out."""
 
-    def __init__(self, config: JobConfig, run_id: str):
+    def __init__(self, config: JobConfig, run_id: str, input_size: tuple[int, int] | None = None):
         import torch
 
-        from paligemma_batch.engine import Engine
+        from paligemma_batch.engines import engine_class, input_spec
         from paligemma_batch.masks import MaskDecoder
-        from paligemma_batch.model import load_model, load_processor
 
         inf = config.inference
         if inf.num_gpus == 0:
             torch.set_num_threads(inf.num_threads or max(1, int(inf.num_cpus)))
         self.config = config
         self.run_id = run_id
-        processor = load_processor(config.model, config.model_storage)
-        model = load_model(config.model, config.model_storage, inf.num_gpus)
-        self.engine = Engine(model, processor, config.model.max_new_tokens)
+        # The CPU stage's size (engines.input_spec): the one source of truth, passed in by the pipeline.
+        self.input_size = input_size or input_spec(config.model, config.model_storage).size
+        self.engine = engine_class(config.model).load(config.model, config.model_storage, inf.num_gpus)
         self.decoder = None
         if config.model.mask_decoder:
             self.decoder = MaskDecoder.from_npz(config.model.mask_decoder, config.model_storage.to_fsspec())
@@ -160,11 +171,11 @@ class InferenceStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from paligemma_batch.annotate import Item, annotate
-        from paligemma_batch.engine import Request
+        from paligemma_batch.engines import Request
 
         rows = batch.to_pylist()
         ok = [r for r in rows if r["error"] is None]
-        pixels = [np.frombuffer(r["pixels"], np.uint8).reshape(*self._size(), 3) for r in ok]
+        pixels = [np.frombuffer(r["pixels"], np.uint8).reshape(*self.input_size, 3) for r in ok]
         requests = [Request(i, ids) for i, r in enumerate(ok) for ids in r["input_ids"]]
         generated = iter(self.engine.generate(pixels, requests))
         out, items = [], []
@@ -183,11 +194,6 @@ class InferenceStage:
         for (record, _), extra in zip(items, fields):
             record.update(extra)
         return pa.Table.from_pylist(out, schema=ANNOTATIONS)
-
-    def _size(self) -> tuple[int, int]:
-        from paligemma_batch.engine import model_input_size
-
-        return model_input_size(self.engine.processor)
 
     def _base(self, row: dict, task: str, prompt: str) -> dict:
         model = self.config.model

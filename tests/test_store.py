@@ -12,8 +12,9 @@ import pytest
 
 from paligemma_batch.config import StorageOptions
 from paligemma_batch.schema import ANNOTATIONS
-from paligemma_batch.sink import OutputStore, Progress, RunSink, ShardLog, row_key
-from paligemma_batch.sources import _is_local
+from paligemma_batch.distributed.sink import RunSink
+from paligemma_batch.store import OutputStore, Progress, ShardLog, row_key
+from paligemma_batch.storage import is_local
 
 RUN = "20260101T000000Z-abcdef"
 
@@ -54,7 +55,7 @@ def test_progress_and_manifest_keep_each_key_exactly_once(store):
     a0 = commit(store, "part-a1-0.parquet", rows(a, range(0, 4)))
     a1 = commit(store, "part-a1-1.parquet", rows(b, range(0, 2)))
     retried = commit(store, "part-a1-2.parquet", rows(b, range(0, 3)))
-    local = _is_local(store.fs)
+    local = is_local(store.fs)
     if local:  # object stores have no temporary files: a PUT is whole or absent
         store.fs.pipe_file(store.run_path(RUN, ".tmp-deadbeef"), b"half a parquet file")
         store.fs.makedirs(store.run_path(RUN, "_shards"), exist_ok=True)
