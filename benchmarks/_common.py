@@ -142,16 +142,19 @@ def small_jpeg_shards(out_dir: Path, images: int, per_shard: int = 500, side: in
 
 
 def tar_images(shards: list[Path], limit: int | None = None) -> Iterator[tuple[str, bytes]]:
-    """(image_id, image bytes) for every image member of the tars, in order."""
+    """(image_id, image bytes) for every image of the tars, in order, read by the pipeline's own reader."""
+    from paligemma_batch.config import InputConfig
+    from paligemma_batch.readers import iter_rows
+
     count = 0
     for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.isfile() and member.name.rsplit(".", 1)[-1] in ("jpg", "jpeg", "png"):
-                    yield f"{shard}::{member.name.rsplit('.', 1)[0]}", tar.extractfile(member).read()
-                    count += 1
-                    if limit is not None and count >= limit:
-                        return
+        for row in iter_rows(str(shard), InputConfig(uri=str(shard))):
+            if row.data is None:
+                continue
+            yield row.image_id, row.data
+            count += 1
+            if limit is not None and count >= limit:
+                return
 
 
 def count_images(shards: list[Path]) -> int:

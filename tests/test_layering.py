@@ -49,3 +49,38 @@ def test_importing_the_package_starts_nothing():
     code = "import paligemma_batch, sys; print('ray' in sys.modules and __import__('ray').is_initialized())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() in ("False",), out.stderr
+
+
+# The Ray layer, and the model code that is torch by nature; every other module stays free of both.
+RAY_LAYER = ("paligemma_batch.distributed",)
+TORCH_LAYER = ("paligemma_batch.engines.transformers_engine", "paligemma_batch.masks", "paligemma_batch.annotate",
+               "paligemma_batch.fixtures.tiny", "paligemma_batch.fixtures.train", "paligemma_batch.fixtures.vae")
+
+
+def _light_modules() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if not name.startswith(RAY_LAYER + TORCH_LAYER):
+            names.append(name)
+    return names
+
+
+def test_no_module_outside_the_ray_and_model_layers_pulls_in_ray_or_torch():
+    """Transitive: each module, imported in a fresh interpreter, must leave ray and torch out of sys.modules."""
+    import subprocess
+    import sys
+
+    modules = _light_modules()
+    assert "paligemma_batch" in modules and "paligemma_batch.cli" in modules and len(modules) > 20
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            "    heavy = [m for m in ('ray', 'torch') if m in sys.modules]\n"
+            "    if heavy:\n"
+            "        print(name, heavy)\n"
+            "        break\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ""

@@ -216,3 +216,28 @@ def test_tar_shards_on_s3(s3_bucket, s3_endpoint):
     assert _kind(rows[f"s3://{bucket}/shards/empty.tar"]) == "empty_shard"
     assert _kind(rows[f"s3://{bucket}/shards/missing.tar"]) == "missing_shard"
     assert all(_kind(rows[i]) == (None if e.outcome == "ok" else e.outcome) for i, e in expected.items())
+
+
+def test_one_id_rule_for_the_job_the_evaluation_and_the_benchmarks(tmp_path, tiny_model_dir, ray_local):
+    """The same tar member gets the same ``image_id`` in the job's output, the evaluation's ground truth and the
+    benchmarks' image reader, also when the key has dots in it (a WebDataset key ends at the basename's first dot)."""
+    import json
+    import sys
+
+    from conftest import job_config
+    from paligemma_batch.evaluate import read_ground_truth
+    from paligemma_batch.pipeline import run
+    from paligemma_batch.results import read_results
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from _common import tar_images
+
+    shard = tmp_path / "set.v1.tar"
+    members = [("0001.jpg", encode(solid((40, 30), (200, 0, 0)), "JPEG")),
+               ("0001.json", json.dumps({"caption": "red"}).encode())]
+    shard.write_bytes(tar_bytes([Sample("key with dots", "batch.2026/cat", members, "ok")]))
+    run(job_config(tiny_model_dir, str(shard), str(tmp_path / "out"), tasks=[{"task": "caption", "lang": "en"}]))
+    from_job = set(read_results(str(tmp_path / "out"))["image_id"].to_pylist())
+    from_evaluation = set(read_ground_truth([str(shard)], InputConfig(uri=str(shard)).storage_options))
+    from_benchmarks = {image_id for image_id, _ in tar_images([shard])}
+    assert from_job == from_evaluation == from_benchmarks == {f"{shard}::batch.2026/cat"}

@@ -20,12 +20,19 @@ def split_member(name: str) -> tuple[str, str]:
     return (posixpath.join(directory, stem) if directory else stem), ext.lower()
 
 
+def _member(members: dict[str, bytes | None], ext: str) -> bytes | None:
+    """The member with extension ``ext``, or one whose extension ends in ``.ext`` (the key had dots)."""
+    if ext in members:
+        return members[ext]
+    return next((data for e, data in members.items() if e.endswith("." + ext)), None)
+
+
 def sidecar_fields(members: dict[str, bytes | None], wanted: list[str]) -> dict[str, str]:
     """Per-image fields from sidecar members: ``EXT`` (the member's text) or ``json.FIELD``."""
     out = {}
     for spec in wanted:
         if spec.startswith("json."):
-            raw = members.get("json")
+            raw = _member(members, "json")
             if raw is not None:
                 doc = json.loads(raw.decode("utf-8"))
                 if not isinstance(doc, dict):
@@ -33,8 +40,8 @@ def sidecar_fields(members: dict[str, bytes | None], wanted: list[str]) -> dict[
                 value = doc.get(spec[5:])
                 if value is not None:
                     out[spec] = str(value)
-        elif members.get(spec) is not None:
-            out[spec] = members[spec].decode("utf-8").strip()
+        elif (raw := _member(members, spec)) is not None:
+            out[spec] = raw.decode("utf-8").strip()
     return out
 
 
