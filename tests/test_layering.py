@@ -16,6 +16,7 @@ FORBIDDEN = {
     "parse.py": {"ray", "torch"},
     "schema.py": {"ray", "torch"},
     "images.py": {"ray", "torch"},
+    "video.py": {"ray", "torch"},
     "sources.py": {"ray", "torch"},
     "prompts.py": {"ray", "torch", "transformers"},  # the CPU stage tokenizes without them
     "model.py": {"ray"},
