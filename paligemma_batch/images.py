@@ -52,6 +52,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def to_model_input(img: Image.Image, size: tuple[int, int], resample: int) -> np.ndarray:
+    """``img`` as RGB, resized to ``size`` = (height, width): how every image and video frame becomes model input."""
+    return np.asarray(_to_rgb(img).resize((size[1], size[0]), resample=resample), dtype=np.uint8)
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Read the header only, in an allowed format, and refuse more than ``max_pixels`` before any decoding."""
     try:
@@ -94,15 +99,14 @@ def decode_image(
             img.seek(0)  # first frame of animations
             img.load()
             img = ImageOps.exif_transpose(img) if orientation != 1 else img
-            img = _to_rgb(img)
-            img = img.resize((target_w, target_h), resample=resample)
+            pixels = to_model_input(img, size, resample)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as err:
         raise ImageDecodeError("too_large", str(err)) from None
     except Exception as err:  # PIL raises many types for corrupt data; all mean "cannot decode"
         raise ImageDecodeError("decode", f"{type(err).__name__}: {err}") from None
-    return DecodedImage(np.asarray(img, dtype=np.uint8), width, height)
+    return DecodedImage(pixels, width, height)
 
 
 def normalize(pixels: np.ndarray, mean: list[float], std: list[float], rescale: float = 1 / 255) -> np.ndarray:

@@ -19,6 +19,7 @@ FORBIDDEN = {
     "readers/base.py": {"ray", "torch"},
     "storage.py": {"ray", "torch"},
     "store.py": {"ray", "torch"},
+    "video.py": {"ray", "torch"},
     "prompts.py": {"ray", "torch", "transformers"},  # the CPU stage tokenizes without them
     "model.py": {"ray"},
     "engines/transformers_engine.py": {"ray"},
