@@ -85,3 +85,29 @@ def test_no_module_outside_the_ray_and_model_layers_pulls_in_ray_or_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == ""
+
+
+def test_validate_and_a_run_with_nothing_to_do_start_no_ray_and_import_no_torch(tmp_path, tiny_model_dir,
+                                                                                  scene_shards, ray_local):
+    """After one finished run, ``validate`` and an incremental ``run`` with nothing to do touch neither."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import job_config
+    from paligemma_batch.pipeline import run
+
+    config = job_config(tiny_model_dir, [str(p) for p in scene_shards[:1]], str(tmp_path / "out"),
+                        tasks=[{"task": "caption", "lang": "en"}], output={"uri": str(tmp_path / "out"),
+                                                                          "mode": "incremental"})
+    assert run(config).status == "finished"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+    code = ("import sys\nfrom paligemma_batch.cli import app\n"
+            "for args in (['validate', sys.argv[1]], ['run', sys.argv[1]]):\n"
+            "    try:\n        app(args)\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+            "print('heavy:', [m for m in ('ray', 'torch', 'transformers') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "nothing to do" in out.stdout and "heavy: []" in out.stdout, out.stdout
