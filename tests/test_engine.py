@@ -141,3 +141,41 @@ def test_static_cache_gives_the_same_tokens(loaded, images):
 def test_no_requests_generate_nothing(loaded):
     model, processor = loaded
     assert TransformersEngine(model, processor, max_new_tokens=4).generate([], []) == []
+
+
+def test_pixels_normalized_on_the_device_equal_the_processors_normalization(loaded, images):
+    from paligemma_batch.images import normalize
+
+    model, processor = loaded
+    engine = TransformersEngine(model, processor, max_new_tokens=4)
+    pixels = [_pixels(processor, data) for data in images[:2]]
+    ip = processor.image_processor
+    expected = torch.from_numpy(normalize(np.stack(pixels), ip.image_mean, ip.image_std, ip.rescale_factor))
+    assert torch.equal(engine.pixel_values(pixels), expected)
+
+
+@pytest.mark.parametrize("which", ["tiny", "shapes fixture"])
+def test_static_kv_cache_gives_the_same_tokens_as_the_dynamic_cache(which, loaded, images, scene_shards):
+    """The static cache (the CUDA default) must not change greedy output over a mixed-task batch (fp32)."""
+    from paligemma_batch.config import InputConfig
+    from paligemma_batch.fixtures.demo import SHAPES_MODEL
+    from paligemma_batch.readers import iter_rows
+
+    model, processor = loaded
+    data = images
+    if which == "shapes fixture":
+        from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(SHAPES_MODEL)
+        model = PaliGemmaForConditionalGeneration.from_pretrained(SHAPES_MODEL, dtype=torch.float32).eval()
+        shard = str(scene_shards[0])
+        data = [row.data for row in iter_rows(shard, InputConfig(uri=shard))][:3]
+    pixels = [_pixels(processor, d) for d in data]
+    prompts = PROMPTS if which == "tiny" else ["caption en", "detect circle ; square ; triangle",
+                                               "segment circle", "answer en what color is the shape?"]
+    requests = [Request(i % len(pixels), prompt_ids(processor, p)) for i, p in enumerate(prompts * 2)]
+    dynamic = TransformersEngine(model, processor, max_new_tokens=24).generate(pixels, requests)
+    static = TransformersEngine(model, processor, max_new_tokens=24, cache_implementation="static").generate(
+        pixels, requests)
+    assert sum(g.num_output_tokens for g in dynamic) > 2 * len(requests)
+    assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]

@@ -12,7 +12,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from paligemma_batch.config import ModelConfig, StorageOptions
 from paligemma_batch.engines.base import Engine, Generated, Request
-from paligemma_batch.images import normalize
 
 
 def prompt_ids(processor, prompt: str) -> list[int]:
@@ -41,7 +40,8 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 class TransformersEngine(Engine):
     """Wraps a loaded transformers model and its processor for batched greedy generation.
 
-    ``cache_implementation`` is passed to ``generate`` ("static" also compiles the decode step on GPU).
+    ``cache_implementation`` is passed to ``generate`` ("static" also compiles the decode step on GPU);
+    :meth:`load` picks "static" on CUDA and the dynamic cache elsewhere.
     """
 
     def __init__(self, model, processor, max_new_tokens: int, min_new_tokens: int | None = None,
@@ -54,8 +54,10 @@ class TransformersEngine(Engine):
         self.pad_id = processor.tokenizer.pad_token_id
         self.eos_id = processor.tokenizer.eos_token_id
         ip = processor.image_processor
-        self._mean, self._std, self._rescale = ip.image_mean, ip.image_std, ip.rescale_factor
         self._device = model.get_input_embeddings().weight.device
+        self._rescale = torch.tensor(ip.rescale_factor, dtype=torch.float32, device=self._device)
+        self._mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=self._device).view(1, 3, 1, 1)
+        self._std = torch.tensor(ip.image_std, dtype=torch.float32, device=self._device).view(1, 3, 1, 1)
         self.pixel_dtype = model.model.vision_tower.embeddings.patch_embedding.weight.dtype
 
     @classmethod
@@ -63,16 +65,25 @@ class TransformersEngine(Engine):
         from paligemma_batch.model import load_model, load_processor
 
         processor = load_processor(model, storage)
-        return cls(load_model(model, storage, num_gpus), processor, model.max_new_tokens)
+        loaded = load_model(model, storage, num_gpus)
+        on_cuda = loaded.get_input_embeddings().weight.device.type == "cuda"
+        return cls(loaded, processor, model.max_new_tokens, cache_implementation="static" if on_cuda else None)
 
     @property
     def device(self) -> torch.device:
         return self._device
 
     def pixel_values(self, pixels: list[np.ndarray]) -> torch.Tensor:
-        """uint8 [H, W, 3] images → normalized ``pixel_values`` in the vision tower's dtype and device."""
-        x = normalize(np.stack(pixels), self._mean, self._std, self._rescale)
-        return torch.from_numpy(x).to(self.device, self.pixel_dtype)
+        """uint8 [H, W, 3] images → normalized ``pixel_values`` in the vision tower's dtype and device.
+
+        The batch travels as uint8 (a quarter of float32's bytes) and is normalized where the model runs, with
+        the same float32 operations as :func:`paligemma_batch.images.normalize`.
+        """
+        batch = torch.from_numpy(np.stack(pixels))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32) * self._rescale
+        return ((x - self._mean) / self._std).to(self.pixel_dtype).contiguous()
 
     @torch.inference_mode()
     def image_features(self, pixels: list[np.ndarray]) -> torch.Tensor:
