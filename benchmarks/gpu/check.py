@@ -1,0 +1,498 @@
+"""The one GPU check: full-size PaliGemma through the project on one GPU, results written as they are measured.
+
+Sections, in order of value, each with its own time budget (the whole check fits in about 7 minutes):
+
+1. ``model``: PaliGemma-3B-224 with random bf16 weights made on the GPU, saved, loaded through ``load_model``;
+2. ``job``: ``pipeline.run`` on 4,096 640x480 JPEGs in 32 tars, caption en, 20 forced new tokens, one GPU
+   actor and CPU tasks on the other cores: ``job_images_per_s``, ``job_gpu_util``, rows == images once each;
+3. ``sweep``: engine images/s and prefill MFU per batch size (dynamic KV cache, then static at the best size);
+4. ``precisions``: bf16, fp16, int8, int4: images/s, peak GPU memory, greedy agreement with bf16;
+5. ``pg2_448``: PaliGemma 2 3B at 448 px, attention eager vs sdpa vs flex_attention: images/s, logit difference;
+6. ``mix``: caption + detect (3 objects) + segment (1 object) through the job: rows/s.
+
+Every result is one JSON line in ``OUT/results.jsonl``; a failing or overrunning section writes a line with
+its error and the check moves on. Generation length is forced by suppressing ``<eos>`` in the random
+checkpoint's generation config (random weights stop at random places), so every row gets ``max_new_tokens``.
+
+    bash benchmarks/gpu/run.sh --out "$OUT"     # on the GPU machine
+    bash benchmarks/gpu/run.sh --tiny           # every section on CPU with the tiny random model
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message="MatMul8bitLt")  # bitsandbytes repeats it on every int8 call
+
+from support import (  # noqa: E402
+    PEAK_BF16_TFLOPS,
+    Deadline,
+    GpuSampler,
+    PartFileWatcher,
+    Results,
+    SectionTimeout,
+    build_random,
+    expected_keys,
+    hard_limit,
+    paligemma2_3b_448_config,
+    paligemma_3b_224_config,
+    prefill_flops,
+    prompt_ids,
+    write_jpeg_shards,
+)
+
+NEW_TOKENS = 20
+MIX_NEW_TOKENS = 24  # detect with 3 objects and segment with 1 both need about 20
+CAPTION = {"task": "caption", "lang": "en"}
+MIX_TASKS = [CAPTION, {"task": "detect", "objects": ["circle", "square", "triangle"]},
+             {"task": "segment", "objects": ["circle"]}]
+MASK_DECODER = Path(__file__).resolve().parents[2] / "paligemma_batch/fixtures/assets/shapes-paligemma/vae-oid.npz"
+
+# name -> (GPU budget s, tiny budget s); the GPU budgets add up to the check's 420 s.
+BUDGETS = {"model": (60, 40), "job": (110, 90), "sweep": (45, 30), "precisions": (100, 60), "pg2_448": (50, 30),
+           "mix": (55, 60)}
+# GPU / tiny sizes
+SIZES = {
+    "images": (4096, 256), "tars": (32, 8), "mix_images": (1024, 64), "job_batch": (128, 16),
+    "sweep": ((32, 64, 128, 256), (4, 16)), "precision_batch": (64, 4), "pg2_batch": (16, 4), "repeats": (3, 2),
+}
+
+
+class Check:
+    """State shared by the sections: the device, the work folder, the saved checkpoint, the inputs, Ray."""
+
+    def __init__(self, args: argparse.Namespace, results: Results):
+        import torch
+
+        self.args, self.results = args, results
+        self.tiny = args.tiny
+        self.cuda = not args.tiny
+        if self.cuda and not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: run with --tiny to check the script on CPU")
+        self.device = "cuda" if self.cuda else "cpu"
+        self.num_gpus = 1 if self.cuda else 0
+        self.workdir = Path(tempfile.mkdtemp(prefix="pgb-gpu-check-", dir=args.workdir))
+        self.model_dir: Path | None = None
+        self.model = self.processor = None
+        self.shards: list = []
+        self.images = 0
+        self.ray_started = False
+        if self.tiny:
+            torch.set_num_threads(1)  # the actor's setting; more threads than free cores spin on a shared CPU
+
+    def size(self, key: str):
+        return SIZES[key][1 if self.tiny else 0]
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def free(self) -> None:
+        gc.collect()
+        if self.cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def timed(self, fn, repeats: int) -> tuple[float, float, object]:
+        """(seconds of the untimed first call, mean seconds of ``repeats`` further calls, last result)."""
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            out = fn()
+        self.sync()
+        return first, (time.perf_counter() - t0) / repeats, out
+
+    def loaded(self):
+        """The bf16 model and processor of section 1, loaded again if that section's copy is gone."""
+        from paligemma_batch.config import ModelConfig, StorageOptions
+        from paligemma_batch.model import load_model, load_processor
+
+        if self.model_dir is None:
+            raise RuntimeError("no checkpoint: the model section did not finish")
+        if self.model is None:
+            cfg = ModelConfig(source=str(self.model_dir), precision="bfloat16")
+            self.processor = load_processor(cfg, StorageOptions())
+            self.model = load_model(cfg, StorageOptions(), num_gpus=self.num_gpus)
+        return self.model, self.processor
+
+    def start_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        t0 = time.perf_counter()
+        ray.init(num_cpus=os.cpu_count(), num_gpus=self.num_gpus, include_dashboard=False, logging_level="WARNING",
+                 object_store_memory=(512 if self.tiny else 8192) * 1024**2,
+                 _temp_dir=tempfile.mkdtemp(prefix="ray-", dir=self.workdir))
+        self.results.emit("ray_start_s", time.perf_counter() - t0, "s", cpus=os.cpu_count(), gpus=self.num_gpus)
+
+    def stop_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+    def job_config(self, shards: list, tasks: list[dict], out: Path, max_new_tokens: int):
+        from paligemma_batch.config import parse_config
+
+        return parse_config({
+            "input": {"uri": [str(s) for s in shards], "format": "webdataset"},
+            "tasks": tasks,
+            "model": {"source": str(self.model_dir), "precision": "bfloat16", "max_new_tokens": max_new_tokens,
+                      "mask_decoder": str(MASK_DECODER)},
+            "inference": {"batch_size": self.args.job_batch or self.size("job_batch"), "min_actors": 1,
+                          "max_actors": 1, "num_gpus": self.num_gpus, "num_cpus": 1, "num_threads": 1},
+            "preprocess": {"num_cpus": 0.5 if self.tiny else 1, "batch_size": 32},
+            "output": {"uri": str(out), "rows_per_file": 32 if self.tiny else 512},
+            "ray": {"progress_bars": False},
+        })
+
+    def run_job(self, name: str, shards: list, tasks: list[dict], max_new_tokens: int) -> tuple[dict, float]:
+        """``pipeline.run`` with part-file and GPU sampling; writes the rate lines; (summary, images/s or None)."""
+        import pyarrow.parquet as pq
+
+        from paligemma_batch.pipeline import run
+
+        self.start_ray()
+        out = self.workdir / name
+        config = self.job_config(shards, tasks, out, max_new_tokens)
+        with ExitStack() as stack:
+            sampler = stack.enter_context(GpuSampler()) if self.cuda else None
+            watcher = stack.enter_context(PartFileWatcher(out))
+            t0 = time.perf_counter()
+            summary = run(config)
+            t1 = time.perf_counter()
+        rows = summary["rows_written"]
+        steady = watcher.steady()
+        rate = steady[0] if steady else None
+        window = sorted(t for t, _ in watcher.seen.values())
+        per = "images" if len(tasks) == 1 else "rows"
+        value = (rate / len(tasks) if rate and per == "images" else rate)
+        whole = rows / len(tasks) if per == "images" else rows
+        self.results.emit(
+            f"{name}_{per}_per_s", value, f"{per}/s", basis="part files committed after the first, per second",
+            whole_run=whole / (t1 - t0), run_s=t1 - t0, pipeline_wall_s=summary["wall_time_s"],
+            first_file_s=window[0] - t0 if window else None, last_file_s=window[-1] - t0 if window else None,
+            steady_not_measured=None if steady else "fewer than 3 part files, or all within 1 s",
+            files=len(watcher.seen), rows=rows,
+            tasks=[t["task"] for t in tasks], max_new_tokens=max_new_tokens, batch_size=config.inference.batch_size,
+            cpus=os.cpu_count(), preprocess_cpus=config.preprocess.num_cpus)
+        if sampler is None:
+            self.results.skipped(f"{name}_gpu_util", "no GPU: nvidia-smi is not sampled on the CPU run")
+        else:
+            span = (steady[1], steady[2]) if steady else sampler.busy_window()
+            util, samples = sampler.utilisation(*span) if span else (None, 0)
+            busy = sampler.busy_window()
+            self.results.emit(f"{name}_gpu_util", util, "%", basis="nvidia-smi samples between the first and last "
+                              "part file", samples=samples, all_samples=len(sampler.samples),
+                              busy_window_util=sampler.utilisation(*busy)[0] if busy else None,
+                              max_memory_mib=sampler.max_memory_mib)
+        table = pq.ParquetDataset(sorted(str(p) for p in (out / "runs" / summary["run_id"]).glob("part-*.parquet")))
+        table = table.read(columns=["image_id", "task", "status", "num_output_tokens"])
+        keys = {k.rsplit("::", 1)[-1] for k in table["image_id"].to_pylist()}
+        pairs = set(zip(table["image_id"].to_pylist(), table["task"].to_pylist()))
+        wanted = expected_keys(shards)
+        ok = (table.num_rows == len(wanted) * len(tasks) and len(pairs) == table.num_rows and keys == wanted
+              and summary["rows_error"] == 0)
+        tokens = table["num_output_tokens"].to_numpy()
+        self.results.emit(f"{name}_rows_exactly_once", ok, None, rows=table.num_rows, images=len(wanted),
+                          tasks=len(tasks), distinct_pairs=len(pairs), missing_images=len(wanted - keys),
+                          rows_error=summary["rows_error"], new_tokens_mean=float(tokens.mean()),
+                          new_tokens_min=int(tokens.min()))
+        return summary, value
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+def section_model(ck: Check, soft: Deadline) -> None:
+    import torch
+
+    from paligemma_batch.config import ModelConfig, StorageOptions
+    from paligemma_batch.fixtures.tiny import build_config, build_processor, build_tokenizer
+    from paligemma_batch.model import load_model, load_processor
+
+    tokenizer = build_tokenizer()
+    if ck.tiny:
+        processor, config = build_processor(tokenizer, 64, 16), build_config(len(tokenizer))
+    else:
+        processor, config = build_processor(tokenizer, 224, 14), paligemma_3b_224_config()
+    t0 = time.perf_counter()
+    model = build_random(config, ck.device)
+    ck.sync()
+    build_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in model.parameters())
+    model.generation_config.suppress_tokens = [processor.tokenizer.eos_token_id]  # forces max_new_tokens
+    folder = ck.workdir / "paligemma-random"
+    t0 = time.perf_counter()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    save_s = time.perf_counter() - t0
+    del model
+    ck.free()
+    cfg = ModelConfig(source=str(folder), precision="bfloat16")
+    t0 = time.perf_counter()
+    ck.processor = load_processor(cfg, StorageOptions())
+    ck.model = load_model(cfg, StorageOptions(), num_gpus=ck.num_gpus)
+    ck.sync()
+    load_s = time.perf_counter() - t0
+    ck.model_dir = folder
+    on = {str(p.device) for p in ck.model.parameters()} | {str(p.dtype) for p in ck.model.parameters()}
+    ck.results.emit("model_load_s", load_s, "s", params=params, build_s=build_s, save_s=save_s,
+                    checkpoint_gib=sum(f.stat().st_size for f in folder.iterdir()) / 1024**3,
+                    loaded_on=sorted(on), built_on=ck.device,
+                    architecture="tiny random PaliGemma" if ck.tiny else "PaliGemma-3B-224 (random weights)",
+                    gpu_memory_gib=torch.cuda.memory_allocated() / 1024**3 if ck.cuda else None)
+
+
+def section_job(ck: Check, soft: Deadline) -> None:
+    images, tars = ck.args.images or ck.size("images"), ck.size("tars")
+    t0 = time.perf_counter()
+    ck.shards, ck.images = write_jpeg_shards(ck.workdir / "jpegs", images, tars), images
+    ck.results.emit("inputs_s", time.perf_counter() - t0, "s", images=images, tars=len(ck.shards), size="640x480",
+                    mib=sum(s.stat().st_size for s in ck.shards) / 1024**2)
+    if ck.model_dir is None:
+        raise RuntimeError("no checkpoint: the model section did not finish")
+    ck.run_job("job", ck.shards, [CAPTION], NEW_TOKENS)
+
+
+def section_sweep(ck: Check, soft: Deadline) -> None:
+    from paligemma_batch.engines.transformers_engine import Request, TransformersEngine
+
+    model, processor = ck.loaded()
+    sizes = ck.size("sweep")
+    side = processor.image_processor.size["height"]
+    pixels = list(np.random.default_rng(0).integers(0, 256, (max(sizes), side, side, 3), dtype=np.uint8))
+    ids = prompt_ids(processor, "caption en")
+    flops = prefill_flops(model.config, len(ids))
+    prefill = TransformersEngine(model, processor, 1, 1)
+    generate = TransformersEngine(model, processor, NEW_TOKENS, NEW_TOKENS)
+    repeats = ck.size("repeats")
+    best: tuple[float, int] | None = None
+    for batch in sizes:
+        if soft.passed():
+            ck.results.skipped("engine_images_per_s", f"batch {batch} and up: the section's time is spent")
+            break
+        requests = [Request(i, ids) for i in range(batch)]
+        _, prefill_s, _ = ck.timed(lambda: prefill.generate(pixels[:batch], requests), repeats)
+        _, generate_s, out = ck.timed(lambda: generate.generate(pixels[:batch], requests), repeats)
+        tflops = batch * flops / prefill_s / 1e12
+        ips = batch / generate_s
+        ck.results.emit("engine_images_per_s", ips, "images/s", batch=batch, cache="dynamic", prefill_ms=prefill_s * 1e3,
+                        prefill_tflops=tflops, prefill_mfu=tflops / PEAK_BF16_TFLOPS if ck.cuda else None,
+                        decode_ms_per_step=(generate_s - prefill_s) / (NEW_TOKENS - 1) * 1e3, prefix_tokens=len(ids),
+                        new_tokens=float(np.mean([g.num_output_tokens for g in out])))
+        best = max(best or (ips, batch), (ips, batch))
+    if best is None or soft.passed():
+        ck.results.skipped("engine_images_per_s_static", "the section's time is spent")
+        return
+    batch = best[1]
+    requests = [Request(i, ids) for i in range(batch)]
+    static = TransformersEngine(model, processor, NEW_TOKENS, NEW_TOKENS, cache_implementation="static")
+    first_s, generate_s, _ = ck.timed(lambda: static.generate(pixels[:batch], requests), repeats)
+    ck.results.emit("engine_images_per_s", batch / generate_s, "images/s", batch=batch, cache="static",
+                    first_call_s=first_s, dynamic_images_per_s=best[0])
+
+
+def section_precisions(ck: Check, soft: Deadline) -> None:
+    import torch
+
+    from paligemma_batch.config import ModelConfig, StorageOptions
+    from paligemma_batch.engines.transformers_engine import Request, TransformersEngine
+    from paligemma_batch.model import load_model
+
+    _, processor = ck.loaded()
+    batch, repeats, first = ck.size("precision_batch"), ck.size("repeats"), 8
+    side = processor.image_processor.size["height"]
+    pixels = list(np.random.default_rng(1).integers(0, 256, (batch, side, side, 3), dtype=np.uint8))
+    requests = [Request(i, prompt_ids(processor, "caption en")) for i in range(batch)]
+    reference: list[list[int]] | None = None
+    for precision in ("bfloat16", "float16", "int8", "int4"):
+        name = f"precision_{precision}"
+        if soft.passed():
+            ck.results.skipped(name, "the section's time is spent")
+            continue
+        model = None
+        try:
+            t0 = time.perf_counter()
+            if precision == "bfloat16":
+                model, _ = ck.loaded()
+            else:
+                model = load_model(ModelConfig(source=str(ck.model_dir), precision=precision), StorageOptions(),
+                                   num_gpus=ck.num_gpus)
+            load_s = time.perf_counter() - t0
+            engine = TransformersEngine(model, processor, NEW_TOKENS, NEW_TOKENS)
+            engine.generate(pixels[:2], requests[:2])  # kernels, allocator, bitsandbytes state
+            if ck.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            _, seconds, out = ck.timed(lambda: engine.generate(pixels, requests), repeats - 1)
+            tokens = [g.token_ids[:first] for g in out]
+            reference = tokens if precision == "bfloat16" else reference
+            agree = None if reference is None else float(np.mean([a == b for a, b in zip(tokens, reference)]))
+            same = None if reference is None else float(np.mean(
+                [x == y for a, b in zip(tokens, reference) for x, y in zip(a, b)]))
+            ck.results.emit("precision_images_per_s", batch / seconds, "images/s", precision=precision, batch=batch,
+                            load_s=load_s, reused_section_1_model=precision == "bfloat16", weights_gib=model.get_memory_footprint() / 1024**3,
+                            peak_gpu_gib=torch.cuda.max_memory_allocated() / 1024**3 if ck.cuda else None,
+                            first_tokens=first, prompts_agreeing_with_bf16=agree, tokens_agreeing_with_bf16=same,
+                            note="random weights: near-tied logits make agreement a lower bound")
+        except Exception as err:  # one precision failing (a missing kernel, say) keeps the others
+            ck.results.error(name, err)
+        finally:
+            if precision == "bfloat16":
+                ck.model = None  # frees the driver's bf16 copy for the later sections
+            del model
+            ck.free()
+
+
+def section_pg2_448(ck: Check, soft: Deadline) -> None:
+    import torch
+
+    from paligemma_batch.engines.transformers_engine import Request, TransformersEngine
+    from paligemma_batch.fixtures.tiny import build_config, build_processor, build_tokenizer
+    from paligemma_batch.model import attention_implementation
+
+    tokenizer = build_tokenizer()
+    if ck.tiny:
+        processor, config = build_processor(tokenizer, 64, 16), build_config(len(tokenizer), version=2)
+    else:
+        processor, config = build_processor(tokenizer, 448, 14), paligemma2_3b_448_config()
+    model = build_random(config, ck.device, seed=2)
+    model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
+    batch, repeats = ck.size("pg2_batch"), ck.size("repeats") - 1
+    side = processor.image_processor.size["height"]
+    pixels = list(np.random.default_rng(2).integers(0, 256, (batch, side, side, 3), dtype=np.uint8))
+    ids = prompt_ids(processor, "caption en")
+    requests = [Request(i, ids) for i in range(batch)]
+    engine = TransformersEngine(model, processor, NEW_TOKENS, NEW_TOKENS)
+    logit_rows = min(batch, 4)
+    inputs = {"input_ids": torch.tensor([ids] * logit_rows, device=ck.device),
+              "pixel_values": engine.pixel_values(pixels[:logit_rows]),
+              "token_type_ids": torch.zeros(logit_rows, len(ids), dtype=torch.long, device=ck.device)}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    reference = None
+    # "sdpa" as the project resolves it: SDPA where the part supports it, eager elsewhere.
+    variants = {"eager": "eager", "sdpa": attention_implementation(config, "sdpa"), "flex_attention": "flex_attention"}
+    for attention, implementation in variants.items():
+        name = f"pg2_448_{attention}"
+        if attention == "flex_attention" and not ck.cuda:
+            model.set_attn_implementation(implementation)  # that the model takes it, at least
+            ck.results.skipped(name, "flex_attention is measured on CUDA only (on CPU it needs an inductor compile); "
+                               f"the model accepted it: {model.config.text_config._attn_implementation}")
+            continue
+        if soft.passed():
+            ck.results.skipped(name, "the section's time is spent")
+            continue
+        try:
+            model.set_attn_implementation(implementation)
+            with torch.inference_mode():
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+            reference = logits if attention == "eager" else reference
+            diff = (logits - reference).abs()
+            first_s, seconds, _ = ck.timed(lambda: engine.generate(pixels, requests), repeats)
+            ck.results.emit("pg2_448_images_per_s", batch / seconds, "images/s", attention=attention, batch=batch,
+                            first_call_s=first_s, logit_max_abs_diff=float(diff.max()),
+                            logit_mean_abs_diff=float(diff.mean()),
+                            top1_agree=float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+                            text_attention=model.config.text_config._attn_implementation,
+                            vision_attention=model.config.vision_config._attn_implementation,
+                            image_tokens=processor.image_seq_length)
+        except Exception as err:
+            ck.results.error(name, err)
+
+
+def section_mix(ck: Check, soft: Deadline) -> None:
+    if not ck.shards or ck.model_dir is None:
+        raise RuntimeError("no inputs or no checkpoint: an earlier section did not finish")
+    per_tar = math.ceil(ck.images / len(ck.shards))
+    ck.run_job("mix", ck.shards[: max(1, ck.size("mix_images") // per_tar)], MIX_TASKS, MIX_NEW_TOKENS)
+
+
+SECTIONS = [("model", section_model), ("job", section_job), ("sweep", section_sweep),
+            ("precisions", section_precisions), ("pg2_448", section_pg2_448), ("mix", section_mix)]
+
+
+def environment(ck: Check) -> None:
+    import platform
+
+    import ray
+    import torch
+    import transformers
+
+    try:
+        import bitsandbytes
+
+        bnb = bitsandbytes.__version__
+    except Exception as err:  # reported, not fatal: only int8/int4 need it
+        bnb = f"unavailable: {type(err).__name__}: {err}"
+    ck.results.emit("environment", torch.cuda.get_device_name(0) if ck.cuda else "cpu", None, tiny=ck.tiny,
+                    python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+                    transformers=transformers.__version__, ray=ray.__version__, bitsandbytes=bnb,
+                    cpus=os.cpu_count(), workdir=str(ck.workdir), budget_s=ck.args.budget_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="every section on CPU with the tiny random model")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "out/gpu-check"),
+                        help="folder for results.jsonl (default $OUT, else out/gpu-check)")
+    parser.add_argument("--budget-s", type=float, default=None, help="the whole check's time (default 420; tiny 280)")
+    parser.add_argument("--only", default=None, help="comma-separated sections to run (default all, in order)")
+    parser.add_argument("--images", type=int, default=None, help="images in the job (default 4096; tiny 256)")
+    parser.add_argument("--job-batch", type=int, default=None, help="images per actor call (default 128; tiny 16)")
+    parser.add_argument("--workdir", default=None, help="where checkpoints and inputs go (default: the temp dir)")
+    args = parser.parse_args(argv)
+    args.budget_s = args.budget_s or (280.0 if args.tiny else 420.0)
+    t_start = time.perf_counter()
+    whole = Deadline(args.budget_s)
+    results = Results(args.out)
+    ck = Check(args, results)
+    environment(ck)
+    wanted = set(args.only.split(",")) if args.only else {name for name, _ in SECTIONS}
+    try:
+        for name, section in SECTIONS:
+            if name not in wanted:
+                continue
+            budget = min(BUDGETS[name][1 if ck.tiny else 0], whole.left)
+            if budget < 10:
+                results.skipped(name, f"the check's {args.budget_s:.0f} s are spent")
+                continue
+            t0 = time.perf_counter()
+            try:
+                with hard_limit(budget):
+                    section(ck, Deadline(0.7 * budget))
+            except (Exception, SectionTimeout) as err:
+                results.error(name, err)
+                if isinstance(err, SectionTimeout):
+                    ck.stop_ray()  # a job cut short leaves its actor holding the GPU
+            finally:
+                ck.free()
+            results.emit("section_s", time.perf_counter() - t0, "s", section=name, budget_s=budget)
+    finally:
+        ck.stop_ray()
+    results.emit("check_s", time.perf_counter() - t_start, "s", results=str(results.path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
