@@ -17,6 +17,7 @@ FORBIDDEN = {
     "schema.py": {"ray", "torch"},
     "images.py": {"ray", "torch"},
     "sources.py": {"ray", "torch"},
+    "lease.py": {"ray", "torch"},
     "prompts.py": {"ray", "torch", "transformers"},  # the CPU stage tokenizes without them
     "model.py": {"ray"},
     "engine.py": {"ray"},
