@@ -64,6 +64,7 @@ def validate(config: Path, set_: SetOption = None) -> None:
 @app.command()
 def run(config: Path, set_: SetOption = None) -> None:
     """Run an annotation job (resumes this config's unfinished run if there is one)."""
+    from paligemma_batch.lease import LeaseHeld
     from paligemma_batch.pipeline import RunFailed
     from paligemma_batch.pipeline import run as run_job
 
@@ -72,6 +73,8 @@ def run(config: Path, set_: SetOption = None) -> None:
         summary = run_job(job)
     except ConfigError as err:
         _fail(err.problems)
+    except LeaseHeld as err:
+        _fail([str(err)])
     except RunFailed as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

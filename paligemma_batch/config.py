@@ -215,6 +215,12 @@ class OutputConfig(_Strict):
         description="new: the output must hold no finished run. incremental: process only shards that no "
         "finished run covered, as a new run.",
     )
+    lease_timeout_s: float = Field(
+        300, gt=1,
+        description="One job per output root: a job holds _LEASE.json and refreshes it every fifth of this. A second "
+        "job refuses at once; a lease not refreshed for this long (its job died) is taken over, at once when its "
+        "holder ran on the same host and exited.",
+    )
     storage_options: StorageOptions | None = Field(
         None, description="Credentials for the output; default: input.storage_options."
     )

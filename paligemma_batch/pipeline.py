@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from paligemma_batch.config import ConfigError, JobConfig
+from paligemma_batch.lease import acquire_lease
 from paligemma_batch.model import source_problems
 from paligemma_batch.readers import list_shards, reader_for
 from paligemma_batch.storage import is_local
@@ -204,25 +205,29 @@ def _resume_plan(config: JobConfig, store: OutputStore, record: RunRecord) -> Ru
 def run(config: JobConfig) -> RunSummary:
     """Run the whole job and return its summary (also written as ``_SUMMARY.json``).
 
-    Ray starts (or is joined) only once the plan shows work; a run with nothing to do never touches it.
+    Ray starts (or is joined) only once the plan shows work; a run with nothing to do never touches it. The
+    output root's lease (:mod:`paligemma_batch.lease`) is held from before planning to after the commit; another
+    job holding it raises :class:`~paligemma_batch.lease.LeaseHeld` before anything is written.
     """
     problems, shards = validate(config)
     if problems:
         raise ConfigError(problems)
     store = OutputStore(config.output.uri, config.output_storage)
-    plan = plan_run(config, store, shards)
-    if not plan.shards and not plan.resumed:
-        return RunSummary(plan.run_id, store.run_uri(plan.run_id), "nothing_to_do")
-    store.upsert_run(plan.record)
-    t0 = time.perf_counter()
-    if plan.shards:
-        from paligemma_batch.distributed.pipeline import execute
+    with acquire_lease(store.fs, store.root, f"pid {os.getpid()}", config.output.lease_timeout_s) as lease:
+        plan = plan_run(config, store, shards)
+        if not plan.shards and not plan.resumed:
+            return RunSummary(plan.run_id, store.run_uri(plan.run_id), "nothing_to_do")
+        store.upsert_run(plan.record)
+        t0 = time.perf_counter()
+        if plan.shards:
+            from paligemma_batch.distributed.pipeline import execute
 
-        written = execute(config, store, plan)
-    else:
-        written = WriteStats()
-    wall = time.perf_counter() - t0
-    return _finish(config, store, plan, written, wall)
+            written = execute(config, store, plan)
+        else:
+            written = WriteStats()
+        wall = time.perf_counter() - t0
+        lease.check()  # a job that lost its lease (it stalled past the timeout) must not commit
+        return _finish(config, store, plan, written, wall)
 
 
 def _finish(config: JobConfig, store: OutputStore, plan: RunPlan, written: WriteStats, wall: float) -> RunSummary:

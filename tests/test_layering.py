@@ -20,6 +20,7 @@ FORBIDDEN = {
     "storage.py": {"ray", "torch"},
     "store.py": {"ray", "torch"},
     "video.py": {"ray", "torch"},
+    "lease.py": {"ray", "torch"},
     "prompts.py": {"ray", "torch", "transformers"},  # the CPU stage tokenizes without them
     "model.py": {"ray"},
     "engines/transformers_engine.py": {"ray"},
