@@ -3,7 +3,8 @@
 An object is 4 loc tokens (ymin, xmin, ymax, xmax bins), optionally 16 seg tokens
 (VQ-VAE mask codes), then a label; objects are separated by ``" ; "``. Malformed
 objects are counted with a reason instead of raising, using the checks of
-big_vision ``evaluators/proj/paligemma/transfers/segmentation.py``.
+big_vision ``evaluators/proj/paligemma/transfers/segmentation.py``. A loc token has exactly
+4 digits and a seg token exactly 3, as the tokenizer spells them: ``<loc00100>`` is malformed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _LOC_RUN = re.compile(r"<loc\d+>(?:\s*<loc\d+>)*")
 _SEG_RUN = re.compile(r"\s*<seg\d+>(?:\s*<seg\d+>)*")
 _SEG_TOKEN = re.compile(r"<seg\d+>")
 _NUMBER = re.compile(r"\d+")
+_DIGITS = {"loc": 4, "seg": 3}
 
 
 @dataclass(frozen=True)
@@ -62,37 +64,60 @@ class ParseResult:
     reasons: list[str]
 
 
-def _numbers(tokens: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in _NUMBER.findall(tokens))
+def _numbers(tokens: str) -> tuple[str, ...]:
+    return tuple(_NUMBER.findall(tokens))
 
 
-def _check(loc: tuple[int, ...], seg: tuple[int, ...] | None, label: str) -> str | None:
+def _value(digits: str) -> int:
+    """The number a token's digits spell, clamped so that no length of digits can make ``int`` refuse it."""
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= 9 else 10**9
+
+
+def _spelling(kind: str, digits: tuple[str, ...], limit: int) -> str | None:
+    """Why tokens of ``kind`` are not as the tokenizer spells them (exactly 4 or 3 digits), or None."""
+    if all(len(d) == _DIGITS[kind] for d in digits):
+        return None
+    return f"{kind} out of range" if any(_value(d) >= limit for d in digits) else f"malformed {kind} token"
+
+
+def _check(loc_digits: tuple[str, ...], seg_digits: tuple[str, ...] | None, label: str) -> str | None:
     """Return why an object is invalid, or None when it is valid."""
+    loc = tuple(_value(d) for d in loc_digits)
     if len(loc) != 4:
         return f"{len(loc)} loc tokens"
     if not all(0 <= v < LOC_BINS for v in loc):
         return "loc out of range"
+    bad = _spelling("loc", loc_digits, LOC_BINS)
+    if bad:
+        return bad
     ymin, xmin, ymax, xmax = loc
     if ymax <= ymin:
         return "ymax<=ymin"
     if xmax <= xmin:
         return "xmax<=xmin"
-    if seg is not None:
-        if len(seg) != SEG_TOKENS:
-            return f"{len(seg)} seg tokens"
-        if not all(0 <= v < SEG_CODES for v in seg):
-            return "seg out of range"
     if _SEG_TOKEN.search(label):
         return "seg tokens in label"
-    return None
+    return None if seg_digits is None else _seg_problem(seg_digits)
 
 
-def parse_objects(text: str) -> ParseResult:
+def _seg_problem(digits: tuple[str, ...]) -> str | None:
+    if len(digits) != SEG_TOKENS:
+        return f"{len(digits)} seg tokens"
+    if not all(_value(d) < SEG_CODES for d in digits):
+        return "seg out of range"
+    return _spelling("seg", digits, SEG_CODES)
+
+
+def parse_objects(text: str, segment: bool = False) -> ParseResult:
     """Parse every object in ``text``; never raises on malformed model output.
 
     Each run of consecutive loc tokens starts an object; it takes the seg tokens right
     after it and, as label, the text up to the next ``;`` or the next run of loc tokens
     (surrounding whitespace stripped, possibly empty). Text outside objects is ignored.
+
+    With ``segment`` (the output of a segment task) every object must have 16 valid seg tokens: one without
+    them counts as invalid but is still kept, as a detection with ``seg_tokens=None``.
     """
     objects: list[ParsedObject] = []
     reasons: list[str] = []
@@ -105,10 +130,14 @@ def parse_objects(text: str) -> ParseResult:
             label_start = seg_run.end() if seg_run else run.end()
             label_end = runs[i + 1].start() if i + 1 < len(runs) else len(chunk)
             label = chunk[label_start:label_end].strip()
-            reason = _check(loc, seg, label)
-            if reason is None:
-                loc4 = cast("tuple[int, int, int, int]", loc)
-                objects.append(ParsedObject(label, loc4, seg))
-            else:
+            reason = _check(loc, None if segment else seg, label)
+            if reason is not None:
                 reasons.append(reason)
+                continue
+            seg_reason = (_seg_problem(seg) if seg else "no seg tokens") if segment else None
+            if seg_reason:
+                reasons.append(seg_reason)
+            loc4 = cast("tuple[int, int, int, int]", tuple(_value(d) for d in loc))
+            codes = None if seg is None or seg_reason else tuple(_value(d) for d in seg)
+            objects.append(ParsedObject(label, loc4, codes))
     return ParseResult(objects=objects, invalid=len(reasons), reasons=reasons)

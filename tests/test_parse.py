@@ -129,3 +129,41 @@ def test_box_pixels_non_square():
     assert (y0, y1) == pytest.approx((256 / 1024 * 300, 768 / 1024 * 300))
 
 
+
+
+@pytest.mark.parametrize(
+    "tokens, reason",
+    [
+        ("<loc0001><loc0002><loc00100><loc0004>", "malformed loc token"),  # 5 digits, in range: not a loc token
+        ("<loc001><loc0002><loc0100><loc0004>", "malformed loc token"),
+        (loc(1, 2, 3, 4) + seg(*SEG16[:15]) + "<seg0001>", "malformed seg token"),
+    ],
+)
+def test_loc_tokens_have_exactly_4_digits_and_seg_tokens_exactly_3(tokens, reason):
+    result = parse_objects(f"{loc(1, 2, 3, 4)} ok ; {tokens} bad")
+    assert [o.label for o in result.objects] == ["ok"] and result.reasons == [reason]
+
+
+def test_in_a_segment_task_an_object_without_16_seg_tokens_is_invalid_but_kept_as_a_detection():
+    text = f"{loc(1, 2, 3, 4)}{seg(*SEG16)} full ; {loc(5, 6, 7, 8)} bare ; {loc(9, 10, 11, 12)}{seg(*SEG16[:15])} short"
+    detect = parse_objects(text)
+    assert [o.label for o in detect.objects] == ["full", "bare"] and detect.reasons == ["15 seg tokens"]
+    result = parse_objects(text, segment=True)
+    assert [(o.label, o.seg_tokens is not None) for o in result.objects] == [
+        ("full", True), ("bare", False), ("short", False)]
+    assert result.invalid == 2 and result.reasons == ["no seg tokens", "15 seg tokens"]
+
+
+def test_no_input_of_any_length_raises():
+    import random
+
+    rng = random.Random(20261201)
+    pieces = ["<loc", "<seg", ">", "<loc0001>", "<seg127>", ";", " ", "cat", "0", "9" * 5000, "<loc" + "1" * 5000 + ">",
+              "<seg" + "0" * 4000 + "7>", "\n", "<eos>", "<", "é", "<loc1023>", "<seg000>"]
+    for n in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 60)))
+        for segment in (False, True):
+            result = parse_objects(text, segment)
+            assert result.invalid == len(result.reasons)
+    huge = loc(1, 2, 3, 4) + seg(*SEG16) + " x ; " * 200_000
+    assert len(parse_objects(huge, segment=True).objects) == 1
