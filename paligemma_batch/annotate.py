@@ -1,21 +1,26 @@
 """Generated text → the typed output fields of one row: answer, detections, masks.
 
 Masks of a whole batch are decoded in one call of the VQ-VAE decoder, then pasted into their boxes in
-original-image pixels and stored as COCO RLE. Knows nothing of Ray.
+original-image pixels and stored as COCO RLE. Knows nothing of Ray; imports torch only to decode masks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from paligemma_batch.masks import MaskDecoder
+from paligemma_batch.parse import ParsedObject
 from paligemma_batch.rle import encode_rle, paste_mask
-from paligemma_batch.parse import ParsedObject, parse_objects
-from paligemma_batch.tasks import output_kind
+from paligemma_batch.schema import default_row
+from paligemma_batch.tasks import TASKS
+
+if TYPE_CHECKING:
+    from paligemma_batch.masks import MaskDecoder
+
+# Every column some task's parser fills, with its value for rows of the tasks that don't fill it.
+PARSED_COLUMNS = {c: default_row()[c] for c in sorted({c for spec in TASKS.values() for c in spec.columns})}
 
 
 @dataclass(frozen=True)
@@ -28,52 +33,25 @@ class Item:
     height: int
 
 
-def _detection(obj: ParsedObject, width: int, height: int) -> dict[str, Any]:
-    return {
-        "label": obj.label,
-        "box_xyxy": list(obj.box_pixels(width, height)),
-        "box_norm": list(obj.box_norm),
-        "loc_tokens": list(obj.loc_tokens),
-    }
-
-
 def annotate(items: list[Item], decoder: MaskDecoder | None) -> list[dict[str, Any]]:
-    """The ``answer``, ``detections``, ``masks`` and ``invalid_objects`` fields for each item."""
+    """The parsed columns (answer, detections, masks, invalid_objects) of each item, its task's spec reading it.
+
+    Masks of the whole batch are decoded in one call of the decoder.
+    """
     out: list[dict[str, Any]] = []
     pending: list[tuple[dict, ParsedObject, Item]] = []  # masks waiting for the batched decode
     for item in items:
-        kind = output_kind(item.task_type)
-        fields: dict[str, Any] = {
-            "answer": item.text if item.task_type == "answer" else None,
-            "detections": None,
-            "masks": None,
-            "invalid_objects": 0,
-        }
-        if kind in ("detect", "segment"):
-            parsed = parse_objects(item.text)
-            fields["invalid_objects"] = parsed.invalid
-            fields["detections"] = [_detection(o, item.width, item.height) for o in parsed.objects]
-            if kind == "segment":
-                fields["masks"] = []
-                for obj in parsed.objects:
-                    if obj.seg_tokens is None:
-                        continue
-                    mask = {
-                        "label": obj.label,
-                        "box_xyxy": list(obj.box_pixels(item.width, item.height)),
-                        "seg_tokens": list(obj.seg_tokens),
-                        "rle": None,
-                        "area": None,
-                    }
-                    fields["masks"].append(mask)
-                    pending.append((mask, obj, item))
-        out.append(fields)
+        parsed = TASKS[item.task_type].parse(item.text, item.width, item.height)
+        out.append({**PARSED_COLUMNS, **parsed.columns})
+        pending += [(mask, obj, item) for mask, obj in parsed.masks]
     if decoder is not None and pending:
         _decode_masks(pending, decoder)
     return out
 
 
 def _decode_masks(pending: list[tuple[dict, ParsedObject, Item]], decoder: MaskDecoder) -> None:
+    import torch
+
     device = next(decoder.parameters()).device
     codes = torch.tensor([obj.seg_tokens for _, obj, _ in pending], dtype=torch.long, device=device)
     with torch.inference_mode():

@@ -29,6 +29,13 @@ MASK = pa.struct(
     ]
 )
 
+COUNTER = {b"default": b"0"}  # field metadata: the column's value before anything is counted
+
+
+def _counter(name: str) -> pa.Field:
+    return pa.field(name, pa.int32(), metadata=COUNTER)
+
+
 ANNOTATIONS = pa.schema(
     [
         ("image_id", pa.string()),  # stable source key: shard URI + "::" + member key (or the file URI)
@@ -41,17 +48,22 @@ ANNOTATIONS = pa.schema(
         ("answer", pa.string()),  # answer tasks: the answer text
         ("detections", pa.list_(DETECTION)),
         ("masks", pa.list_(MASK)),
-        ("invalid_objects", pa.int32()),  # objects in the text that failed validation
+        _counter("invalid_objects"),  # objects in the text that failed validation
         ("status", pa.string()),  # "ok" or "error"
         ("error", pa.string()),  # "kind: message" when status is "error"
         ("model_id", pa.string()),
         ("model_revision", pa.string()),
         ("precision", pa.string()),
-        ("num_input_tokens", pa.int32()),
-        ("num_output_tokens", pa.int32()),
+        _counter("num_input_tokens"),
+        _counter("num_output_tokens"),
         ("run_id", pa.string()),
     ]
 )
+
+def default_row() -> dict:
+    """An output row before anything is filled in: counters 0, every other column null."""
+    return {f.name: 0 if (f.metadata or {}).get(b"default") == b"0" else None for f in ANNOTATIONS}
+
 
 FILE_METADATA = {
     b"paligemma_batch.loc_bins": str(LOC_BINS).encode(),

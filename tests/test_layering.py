@@ -55,7 +55,7 @@ def test_importing_the_package_starts_nothing():
 
 # The Ray layer, and the model code that is torch by nature; every other module stays free of both.
 RAY_LAYER = ("paligemma_batch.distributed",)
-TORCH_LAYER = ("paligemma_batch.engines.transformers_engine", "paligemma_batch.masks", "paligemma_batch.annotate",
+TORCH_LAYER = ("paligemma_batch.engines.transformers_engine", "paligemma_batch.masks",
                "paligemma_batch.fixtures.tiny", "paligemma_batch.fixtures.train", "paligemma_batch.fixtures.vae")
 
 

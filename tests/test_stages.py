@@ -111,3 +111,49 @@ def test_inference_stage_turns_error_rows_into_one_row_per_task(config, encoder)
     out = InferenceStage(config, run_id="r").__call__(prepared).to_pylist()
     assert [r["task"] for r in out] == ["caption", "answer", "detect"]
     assert {(r["status"], r["error"]) for r in out} == {("error", "empty: zero-byte image")}
+
+
+def test_a_sample_lacking_its_question_fails_only_its_answer_row(ray_local, config, encoder, tmp_path):
+    """Direct, inside Ray Data, and through the job: the other tasks of that image stay ok."""
+    import io
+    import json
+    import tarfile
+
+    from ray.data import ActorPoolStrategy
+
+    from bad_corpus import encode, solid
+    from paligemma_batch.pipeline import run
+    from paligemma_batch.results import read_results
+
+    sources = _sources(config).slice(0, 2).to_pylist()
+    sources[1]["fields"] = json.dumps({})  # the second sample has no json.question
+    table = pa.Table.from_pylist(sources, schema=SOURCE_SCHEMA)
+    lacking = sources[1]["image_id"]
+
+    def outcome(rows: pa.Table) -> dict:
+        return {(r["image_id"] == lacking, r["task"]): (r["status"], r["error"]) for r in rows.to_pylist()}
+
+    expected = {(False, t): ("ok", None) for t in ("caption", "answer", "detect")}
+    expected |= {(True, "caption"): ("ok", None), (True, "detect"): ("ok", None),
+                 (True, "answer"): ("error", "input: no 'json.question' for task answer")}
+    plan = PreprocessPlan.create(config, encoder)
+    assert outcome(InferenceStage(config, run_id="r")(preprocess(table, plan))) == expected
+    in_ray = ray_local.data.from_arrow(table).map_batches(
+        preprocess, batch_size=2, batch_format="pyarrow", num_cpus=0.5, fn_kwargs={"plan": plan}).map_batches(
+        InferenceStage, batch_size=2, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.5,
+        fn_constructor_kwargs={"config": config, "run_id": "r"}).to_arrow_refs()
+    assert outcome(pa.concat_tables(ray_local.get(in_ray))) == expected
+
+    # Through the job: a tar whose second sample's json has no question.
+    shard = tmp_path / "two.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, doc in (("a", {"question": "what color is the shape?"}), ("b", {"caption": "none"})):
+            for ext, data in (("png", encode(solid((32, 32), (0, 0, 255)), "PNG")), ("json", json.dumps(doc).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    job = config.model_copy(update={"input": config.input.model_copy(update={"uri": str(shard)}),
+                                    "output": config.output.model_copy(update={"uri": str(tmp_path / "out")})})
+    run(job)
+    lacking = f"{shard}::b"
+    assert outcome(read_results(str(tmp_path / "out"))) == expected

@@ -17,7 +17,7 @@ from paligemma_batch.config import InputConfig, JobConfig, TaskConfig
 from paligemma_batch.images import ImageDecodeError, decode_image
 from paligemma_batch.prompts import PromptEncoder
 from paligemma_batch.readers import SourceRow, reader_for
-from paligemma_batch.schema import ANNOTATIONS
+from paligemma_batch.schema import ANNOTATIONS, default_row
 from paligemma_batch.store import ShardLog, row_key
 
 SOURCE_SCHEMA = pa.schema(
@@ -40,7 +40,8 @@ PREPARED_SCHEMA = pa.schema(
         ("tasks", pa.list_(pa.string())),  # the task names still to run on this image
         ("prompts", pa.list_(pa.string())),
         ("input_ids", pa.list_(pa.list_(pa.int32()))),
-        ("error", pa.string()),
+        ("task_errors", pa.list_(pa.string())),  # per task: why that task alone can't run (a missing field)
+        ("error", pa.string()),  # why no task of the image can run (an unreadable image)
     ]
 )
 
@@ -125,6 +126,7 @@ def preprocess(batch: pa.Table, plan: PreprocessPlan) -> pa.Table:
             "tasks": [t.output_name for t in todo],
             "prompts": [],
             "input_ids": [],
+            "task_errors": [],
             "error": row["error"],
         }
         fields = json.loads(row["fields"] or "{}")
@@ -136,11 +138,13 @@ def preprocess(batch: pa.Table, plan: PreprocessPlan) -> pa.Table:
                 prepared["error"] = str(err)
         for task in todo:
             question = fields.get(task.question_key) if task.question_key else None
-            if task.question_key and question is None and prepared["error"] is None:
-                prepared["error"] = f"input: no '{task.question_key}' for task {task.output_name}"
+            missing = task.question_key and question is None
+            task_error = f"input: no '{task.question_key}' for task {task.output_name}" if missing else None
             prompt = task.prompt_for(question)
             prepared["prompts"].append(prompt)
-            prepared["input_ids"].append(encoder.ids(prompt) if prepared["error"] is None else [])
+            prepared["task_errors"].append(task_error)
+            runs = prepared["error"] is None and task_error is None
+            prepared["input_ids"].append(encoder.ids(prompt) if runs else [])
         out.append(prepared)
     return pa.Table.from_pylist(out, schema=PREPARED_SCHEMA)
 
@@ -176,13 +180,14 @@ class InferenceStage:
         rows = batch.to_pylist()
         ok = [r for r in rows if r["error"] is None]
         pixels = [np.frombuffer(r["pixels"], np.uint8).reshape(*self.input_size, 3) for r in ok]
-        requests = [Request(i, ids) for i, r in enumerate(ok) for ids in r["input_ids"]]
+        requests = [Request(i, ids) for i, r in enumerate(ok)
+                    for ids, task_error in zip(r["input_ids"], r["task_errors"]) if task_error is None]
         generated = iter(self.engine.generate(pixels, requests))
         out, items = [], []
         for row in rows:
-            for task, prompt in zip(row["tasks"], row["prompts"]):
-                record = self._base(row, task, prompt)
-                if row["error"] is None:
+            for task, prompt, task_error in zip(row["tasks"], row["prompts"], row["task_errors"]):
+                record = self._base(row, task, prompt, row["error"] or task_error)
+                if record["status"] == "ok":
                     gen = next(generated)
                     record.update(text=gen.text, num_input_tokens=gen.num_input_tokens,
                                   num_output_tokens=gen.num_output_tokens)
@@ -195,26 +200,21 @@ class InferenceStage:
             record.update(extra)
         return pa.Table.from_pylist(out, schema=ANNOTATIONS)
 
-    def _base(self, row: dict, task: str, prompt: str) -> dict:
+    def _base(self, row: dict, task: str, prompt: str, error: str | None) -> dict:
+        """The row's common columns; the task's own columns keep the schema's defaults until parsed."""
         model = self.config.model
         return {
+            **default_row(),
             "image_id": row["image_id"],
             "source_uri": row["source_uri"],
             "width": row["width"],
             "height": row["height"],
             "task": task,
             "prompt": prompt,
-            "text": None,
-            "answer": None,
-            "detections": None,
-            "masks": None,
-            "invalid_objects": 0,
-            "status": "ok" if row["error"] is None else "error",
-            "error": row["error"],
+            "status": "ok" if error is None else "error",
+            "error": error,
             "model_id": model.source,
             "model_revision": model.revision,
             "precision": model.precision,
-            "num_input_tokens": 0,
-            "num_output_tokens": 0,
             "run_id": self.run_id,
         }
