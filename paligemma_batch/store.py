@@ -6,8 +6,8 @@ Layout under the output root::
 
     _RUNS.json                      the run index: one small record per run (status, attempts, rows, times)
     _SUMMARY.json                   the summary of the latest finished run
-    runs/RUN_ID/_SHARDS.parquet     the run's shards, written once when it starts: URI, known row count and
-                                    key sum, and for image folders the files of each group
+    runs/RUN_ID/_SHARDS.json        the run's shards, written once when it starts (for image folders, the
+                                    files of each group and their key sum)
     runs/RUN_ID/part-aN-*.parquet   rows written by attempt N, each file whole or not at all; its footer's
                                     key-value metadata holds its statistics (paligemma_batch.stats)
     runs/RUN_ID/_shards/H-R-K.json  a shard read to its end: H hashes its URI, R rows, K their key sum; read
@@ -53,17 +53,11 @@ RUNS_DIR = "runs"
 INDEX_FILE = "_RUNS.json"
 SUMMARY_FILE = "_SUMMARY.json"
 MANIFEST_FILE = "_MANIFEST.json"
-SHARD_LIST_FILE = "_SHARDS.parquet"
+SHARD_LIST_FILE = "_SHARDS.json"
 SHARDS_DIR = "_shards"
 KEY_COLUMNS = ["image_id", "task"]
 FOOTER_BLOCK = 1 << 16  # bytes fetched to read a part file's footer on object storage
 
-SHARD_LIST_SCHEMA = pa.schema([
-    ("shard", pa.string()),
-    ("rows", pa.int64()),  # source rows, when known before reading (an image-folder group: its files)
-    ("keysum", pa.uint64()),  # the key sum of those rows' image ids (stats.keysum)
-    ("files", pa.list_(pa.string())),  # an image-folder group's files, in order
-])
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -80,7 +74,7 @@ def row_key(image_id: str, task: str) -> str:
 
 @dataclass
 class RunRecord:
-    """One run in the index. ``shards`` lives in the run's ``_SHARDS.parquet``, not in ``_RUNS.json``."""
+    """One run in the index. ``shards`` lives in the run's ``_SHARDS.json``, not in ``_RUNS.json``."""
 
     run_id: str
     status: str  # "running" | "finished"
@@ -222,47 +216,32 @@ class OutputStore:
         self.write_index([r for r in self.read_index(with_shards=False) if r.run_id != record.run_id] + [record])
 
     def write_shard_list(self, run_id: str, shards: list[str], members: dict[str, list[str]]) -> None:
-        """The run's shards; an image-folder group (``members``) also records its files, size and key sum."""
-        files = [members.get(s) for s in shards]
-        table = pa.table({
-            "shard": shards,
-            "rows": [len(f) if f is not None else None for f in files],
-            "keysum": [keysum(f) if f is not None else None for f in files],
-            "files": files,
-        }, schema=SHARD_LIST_SCHEMA)
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        self.write_bytes(self.run_path(run_id, SHARD_LIST_FILE), buf.getvalue())
+        """The run's shards, written once; an image-folder group (``members``) also records its files and their
+        key sum (its size is its file count)."""
+        groups = {s: {"files": members[s], "keysum": f"{keysum(members[s]):016x}"} for s in shards if s in members}
+        self.write_bytes(self.run_path(run_id, SHARD_LIST_FILE),
+                         json.dumps({"shards": shards, "groups": groups}, ensure_ascii=False,
+                                    separators=(",", ":")).encode())
 
-    def _shard_list(self, run_id: str, columns: list[str]) -> pa.Table | None:
-        try:
-            with self.fs.open(self.run_path(run_id, SHARD_LIST_FILE), "rb") as f:
-                return pq.read_table(f, columns=columns)
-        except FileNotFoundError:
-            return None
+    def _shard_list(self, run_id: str) -> dict[str, Any]:
+        return self.read_json(self.run_path(run_id, SHARD_LIST_FILE)) or {"shards": [], "groups": {}}
 
     def run_shards(self, run_id: str) -> list[str]:
         """The run's shard URIs (or group ids), in order."""
-        table = self._shard_list(run_id, ["shard"])
-        return table["shard"].to_pylist() if table is not None else []
+        return self._shard_list(run_id)["shards"]
 
     def run_members(self, run_id: str) -> dict[str, list[str]]:
         """An image-folder run's groups: group id -> its files ({} for other formats)."""
-        table = self._shard_list(run_id, ["shard", "files"])
-        if table is None:
-            return {}
-        return {s: f for s, f in zip(table["shard"].to_pylist(), table["files"].to_pylist()) if f is not None}
+        return {s: g["files"] for s, g in self._shard_list(run_id)["groups"].items()}
 
     def covered(self, records: list[RunRecord]) -> set[str]:
         """Every shard, and every file of an image-folder group, that one of ``records`` covers."""
         out: set[str] = set()
         for record in records:
-            table = self._shard_list(record.run_id, ["shard", "files"])
-            if table is None:
-                out.update(record.shards)
-                continue
-            for shard, files in zip(table["shard"].to_pylist(), table["files"].to_pylist()):
-                out.update(files if files is not None else (shard,))
+            listed = self._shard_list(record.run_id)
+            groups = listed["groups"]
+            for shard in listed["shards"] or record.shards:
+                out.update(groups[shard]["files"] if shard in groups else (shard,))
         return out
 
     # -- part files and progress -----------------------------------------------------------------------------
@@ -386,15 +365,10 @@ class OutputStore:
         """Source rows (and key sum) of each shard of the run whose size is known: the groups of its shard list,
         and the shards read to the end, from the marker names in one listing (a marker is read only when its
         shard is not in the run's shard list)."""
-        table = self._shard_list(run_id, ["shard", "rows", "keysum"])
-        marks: dict[str, ShardMark] = {}
-        by_digest: dict[str, str] = {}
-        if table is not None:
-            for shard, rows, ks in zip(*(table[c].to_pylist() for c in ("shard", "rows", "keysum"))):
-                if rows is not None:
-                    marks[shard] = ShardMark(rows, ks)
-                else:
-                    by_digest[hashlib.sha256(shard.encode()).hexdigest()[:32]] = shard
+        listed = self._shard_list(run_id)
+        groups = listed["groups"]
+        marks = {s: ShardMark(len(g["files"]), int(g["keysum"], 16)) for s, g in groups.items()}
+        by_digest = {hashlib.sha256(s.encode()).hexdigest()[:32]: s for s in listed["shards"] if s not in groups}
         unknown = []
         for path in self._listing(RUNS_DIR, run_id, SHARDS_DIR):
             name = posixpath.basename(path)
