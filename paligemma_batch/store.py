@@ -205,8 +205,8 @@ class OutputStore:
         return records
 
     def write_index(self, records: list[RunRecord]) -> None:
-        small = [{k: v for k, v in asdict(r).items() if k != "shards"} | {"num_shards": len(r.shards) or r.num_shards}
-                 for r in records]
+        small = [{k: v for k, v in asdict(r).items() if k != "shards"}
+                 | {"num_shards": len(r.shards) if r.shards or r.num_shards is None else r.num_shards} for r in records]
         self.write_json(self.path(INDEX_FILE), {"runs": small})
 
     def upsert_run(self, record: RunRecord, members: dict[str, list[str]] | None = None) -> None:
