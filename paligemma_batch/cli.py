@@ -138,7 +138,7 @@ def runs(
     _, storage = _result_sources(config)
     if endpoint_url:
         storage = storage.model_copy(update={"endpoint_url": endpoint_url})
-    records = OutputStore(output, storage).read_index()
+    records = OutputStore(output, storage).read_index(with_shards=shards or as_json)
     if not records:
         _fail([f"no runs at {output} (no _RUNS.json)"])
     if as_json:
@@ -146,7 +146,8 @@ def runs(
         return
     for r in records:
         rows = "-" if r.rows is None else r.rows
-        typer.echo(f"{r.run_id}  {r.status:8}  attempts={r.attempts}  shards={len(r.shards):<6} rows={rows:<8}  "
+        count = len(r.shards) if r.num_shards is None else r.num_shards
+        typer.echo(f"{r.run_id}  {r.status:8}  attempts={r.attempts}  shards={count:<6} rows={rows:<8}  "
                    f"started={r.started_at}  finished={r.finished_at or '-'}")
         if shards:
             for shard in r.shards:

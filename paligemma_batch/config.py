@@ -94,6 +94,10 @@ class InputConfig(_Strict):
     id_column: str | None = Field(
         None, description="parquet: the column with a stable per-row key (default: the row number in its file)."
     )
+    files_per_shard: int = Field(
+        1000, ge=1, description="images: files per shard. The sorted listing is cut into groups of this many "
+        "files, the unit of reading, resume and incremental runs; files added later form new groups.",
+    )
     storage_options: StorageOptions = Field(default_factory=StorageOptions, description="Storage credentials.")
 
     @model_validator(mode="before")

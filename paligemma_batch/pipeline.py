@@ -31,7 +31,8 @@ from paligemma_batch.lease import acquire_lease
 from paligemma_batch.model import source_problems
 from paligemma_batch.readers import list_shards, reader_for
 from paligemma_batch.storage import is_local
-from paligemma_batch.store import SUMMARY_FILE, OutputStore, RunRecord, WriteStats, new_run_id, now_iso, summarize_rows
+from paligemma_batch.stats import FileStats
+from paligemma_batch.store import SUMMARY_FILE, OutputStore, RunRecord, WriteStats, new_run_id, now_iso
 from paligemma_batch.summary import RunSummary
 
 # GPUs without bfloat16 support, as Ray names them in accelerator_type resources.
@@ -51,6 +52,8 @@ class RunPlan:
     resumed: bool = False
     done_keys: set[str] = field(default_factory=set)  # row keys of those shards already committed
     committed: dict[str, int] = field(default_factory=dict)  # earlier attempts' part files (path -> rows)
+    committed_stats: dict[str, FileStats] = field(default_factory=dict)  # and their statistics
+    members: dict[str, list[str]] = field(default_factory=dict)  # image-folder groups: group id -> files
 
     @property
     def run_id(self) -> str:
@@ -175,31 +178,43 @@ def validate(config: JobConfig, check_resources: bool = True) -> tuple[list[str]
 
 
 def plan_run(config: JobConfig, store: OutputStore, shards: list[str]) -> RunPlan:
-    """Resume this config's unfinished run if there is one; otherwise start a new (or incremental) run."""
+    """Resume this config's unfinished run if there is one; otherwise start a new (or incremental) run.
+
+    ``shards`` is the listing; a reader that groups files (image folders) turns the files no finished run
+    covered into groups, and those are the run's shards.
+    """
     fingerprint = config.fingerprint()
-    index = store.read_index()
+    index = store.read_index(with_shards=False)
     unfinished = [r for r in index if r.status == "running" and r.config_hash == fingerprint]
     if unfinished:
         return _resume_plan(config, store, unfinished[-1])
     if config.output.mode == "incremental":
-        covered = {s for r in index if r.status == "finished" for s in r.shards}
+        covered = store.covered([r for r in index if r.status == "finished"])
         shards = [s for s in shards if s not in covered]
+    members = reader_for(config.input).group(shards)
+    if members:
+        shards = list(members)
     run_id = new_run_id()
-    return RunPlan(RunRecord(run_id, "running", fingerprint, now_iso(), shards), shards)
+    return RunPlan(RunRecord(run_id, "running", fingerprint, now_iso(), shards), shards, members=members)
 
 
 def _resume_plan(config: JobConfig, store: OutputStore, record: RunRecord) -> RunPlan:
-    """Continue ``record``: skip its finished shards, and the committed rows of the others."""
-    progress = store.progress(record.run_id)
-    # Shards whose row count the reader knows (an image file: 1); others record it when read to the end.
-    reader = reader_for(config.input)
-    sizes = dict.fromkeys(record.shards, 1) if reader.rows_known else store.shard_sizes(record.run_id)
-    finished = progress.complete_shards(sizes, len(config.tasks))
+    """Continue ``record``: skip its finished shards, and the committed rows of the others.
+
+    Finished shards are told from the part files' footers and the shards' recorded sizes; committed keys are
+    read only for the shards that are not finished (see :meth:`OutputStore.progress`).
+    """
+    record.shards = record.shards or store.run_shards(record.run_id)
+    tasks = [t.output_name for t in config.tasks]
+    marks = store.shard_marks(record.run_id)
+    progress = store.progress(record.run_id, marks, tasks)
+    finished = progress.complete_shards({s: m.rows for s, m in marks.items()}, len(tasks))
     todo = [s for s in record.shards if s not in finished]
     todo_set = set(todo)
     done_keys = {key for key, shard in progress.keys.items() if shard in todo_set}
+    members = {s: files for s, files in store.run_members(record.run_id).items() if s in todo_set}
     record.attempts += 1
-    return RunPlan(record, todo, True, done_keys, progress.files)
+    return RunPlan(record, todo, True, done_keys, progress.files, progress.stats, members)
 
 
 def run(config: JobConfig) -> RunSummary:
@@ -217,7 +232,7 @@ def run(config: JobConfig) -> RunSummary:
         plan = plan_run(config, store, shards)
         if not plan.shards and not plan.resumed:
             return RunSummary(plan.run_id, store.run_uri(plan.run_id), "nothing_to_do")
-        store.upsert_run(plan.record)
+        store.upsert_run(plan.record, plan.members)
         t0 = time.perf_counter()
         if plan.shards:
             from paligemma_batch.distributed.pipeline import execute
@@ -231,11 +246,14 @@ def run(config: JobConfig) -> RunSummary:
 
 
 def _finish(config: JobConfig, store: OutputStore, plan: RunPlan, written: WriteStats, wall: float) -> RunSummary:
-    """Commit the run's manifest, summary and index record."""
-    discarded = store.finish_run(plan.run_id, {**plan.committed, **written.files})
-    table = store.read_run(plan.run_id, ["image_id", "task", "status", "error", "num_output_tokens",
-                                         "invalid_objects"])
-    counts = summarize_rows(table)
+    """Commit the run's manifest, summary and index record; the summary merges per-file statistics, no row read."""
+    files = {**plan.committed, **written.files}
+    discarded = store.finish_run(plan.run_id, files)
+    total = FileStats()
+    for path in files:
+        stats = written.file_stats.get(path) or plan.committed_stats.get(path)
+        total.merge(stats if stats is not None else store.file_stats(path))
+    counts = total.summary_counts()
     summary = RunSummary(
         run_id=plan.run_id,
         output=store.run_uri(plan.run_id),
@@ -253,12 +271,12 @@ def _finish(config: JobConfig, store: OutputStore, plan: RunPlan, written: Write
         wall_time_s=round(wall, 3),
         images_per_second=round(written.rows / max(len(config.tasks), 1) / wall, 3) if wall else 0.0,
         output_tokens_per_second=round(counts["output_tokens"] / wall, 1) if wall else 0.0,
-        files=len(store.data_files(plan.run_id)),
+        files=len(files),
         started_at=plan.record.started_at,
         finished_at=now_iso(),
     )
     store.write_bytes(store.run_path(plan.run_id, SUMMARY_FILE), summary.to_json())
     store.write_bytes(store.path(SUMMARY_FILE), summary.to_json())
-    plan.record.status, plan.record.finished_at, plan.record.rows = "finished", summary.finished_at, table.num_rows
+    plan.record.status, plan.record.finished_at, plan.record.rows = "finished", summary.finished_at, total.rows
     store.upsert_run(plan.record)
     return summary

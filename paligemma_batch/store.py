@@ -4,12 +4,20 @@ Ray-free: the Ray layer's Datasink (:mod:`paligemma_batch.distributed.sink`) cal
 
 Layout under the output root::
 
-    _RUNS.json                      the run index: every run, its status, its shards and its attempts
+    _RUNS.json                      the run index: one small record per run (status, attempts, rows, times)
     _SUMMARY.json                   the summary of the latest finished run
-    runs/RUN_ID/part-aN-*.parquet   rows written by attempt N; each file appears whole or not at all
-    runs/RUN_ID/_MANIFEST.json      written when the run finishes: the part files that make up its output
-    runs/RUN_ID/_shards/*.json      how many rows each read shard yielded (for skipping finished shards)
+    runs/RUN_ID/_SHARDS.json        the run's shards, written once when it starts (for image folders, the
+                                    files of each group and their key sum)
+    runs/RUN_ID/part-aN-*.parquet   rows written by attempt N, each file whole or not at all; its footer's
+                                    key-value metadata holds its statistics (paligemma_batch.stats)
+    runs/RUN_ID/_shards/H-R-K.json  a shard read to its end: H hashes its URI, R rows, K their key sum; read
+                                    from the listing alone (the object names), never one GET each
+    runs/RUN_ID/_MANIFEST.json      written once, when the run finishes: the part files of its output
     runs/RUN_ID/_SUMMARY.json       that run's summary
+
+Costs: finishing reads no row (the summary merges the statistics the write tasks returned and the committed
+files' footers); resuming reads one footer per part file, and key columns only of the files holding a shard
+that the statistics do not prove finished and duplicate-free.
 
 A part file is committed by an atomic rename (local) or a single object PUT (object storage), so a crash
 leaves only whole files. Writers that outlive a crash (a retried write task, a worker of a killed driver) can
@@ -32,11 +40,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from paligemma_batch.config import StorageOptions
 from paligemma_batch.schema import ANNOTATIONS
+from paligemma_batch.stats import STATS_KEY, FileStats, keysum
 from paligemma_batch.storage import atomic_write, filesystem
 
 logger = logging.getLogger(__name__)
@@ -45,8 +53,10 @@ RUNS_DIR = "runs"
 INDEX_FILE = "_RUNS.json"
 SUMMARY_FILE = "_SUMMARY.json"
 MANIFEST_FILE = "_MANIFEST.json"
+SHARD_LIST_FILE = "_SHARDS.json"
 SHARDS_DIR = "_shards"
 KEY_COLUMNS = ["image_id", "task"]
+FOOTER_BLOCK = 1 << 16  # bytes fetched to read a part file's footer on object storage
 
 
 def now_iso() -> str:
@@ -64,7 +74,7 @@ def row_key(image_id: str, task: str) -> str:
 
 @dataclass
 class RunRecord:
-    """One run in the index."""
+    """One run in the index. ``shards`` lives in the run's ``_SHARDS.json``, not in ``_RUNS.json``."""
 
     run_id: str
     status: str  # "running" | "finished"
@@ -74,34 +84,70 @@ class RunRecord:
     finished_at: str | None = None
     rows: int | None = None
     attempts: int = 1  # invocations that worked on this run (1 + resumes)
+    num_shards: int | None = None  # len(shards), kept in the index where shards are not
+
+
+@dataclass(frozen=True)
+class ShardMark:
+    """A shard's source rows and their key sum (None: unknown, so its committed keys are read on resume)."""
+
+    rows: int
+    keysum: int | None = None
 
 
 @dataclass
 class WriteStats:
-    """What one write task (or the whole invocation, combined) committed: part file path -> rows."""
+    """What one write task (or the whole invocation, combined) committed: part file path -> rows, and stats."""
 
     files: dict[str, int] = field(default_factory=dict)
+    file_stats: dict[str, FileStats] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
         return sum(self.files.values())
 
+    def add(self, path: str, stats: FileStats) -> None:
+        self.files[path] = stats.rows
+        self.file_stats[path] = stats
+
     def merge(self, other: WriteStats) -> None:
         self.files.update(other.files)
+        self.file_stats.update(other.file_stats)
 
 
 @dataclass
 class Progress:
-    """What an unfinished run has committed: key-disjoint part files, their keys and rows per shard."""
+    """What an unfinished run has committed: key-disjoint part files, their stats, and rows per shard.
+
+    ``keys`` holds the committed keys of the shards that the statistics did not prove finished (the only
+    ones a resume reads again); a finished shard's keys are never read.
+    """
 
     files: dict[str, int] = field(default_factory=dict)  # accepted part file path -> rows
     keys: dict[str, str] = field(default_factory=dict)  # row key -> the shard (source_uri) it came from
     rows_by_shard: Counter = field(default_factory=Counter)
     rejected: list[str] = field(default_factory=list)  # files sharing a key with an accepted file
+    stats: dict[str, FileStats] = field(default_factory=dict)  # accepted part file path -> its statistics
+    keys_read_from: int = 0  # files whose key columns were read
 
     def complete_shards(self, sizes: dict[str, int], num_tasks: int) -> set[str]:
         """Shards whose every row (``sizes[shard]`` source rows x ``num_tasks``) is committed."""
         return {s for s, n in sizes.items() if self.rows_by_shard.get(s, 0) >= n * num_tasks}
+
+
+def _proven(by_task: dict[str, list[int]], mark: ShardMark | None, tasks: list[str] | None) -> bool:
+    """Whether a shard's rows over *all* files are each of its keys exactly once, for every task present
+    (and every task of ``tasks``): row counts equal its size and key sums equal its key sum."""
+    if mark is None or mark.keysum is None:
+        return False
+    if tasks is not None and set(tasks) - set(by_task):
+        return False
+    return all(rows == mark.rows and ks == mark.keysum for rows, ks in by_task.values())
+
+
+def _shard_marker_name(shard: str, rows: int, ks: int | None) -> str:
+    digest = hashlib.sha256(shard.encode()).hexdigest()[:32]
+    return f"{digest}-{rows}" + (f"-{ks:016x}" if ks is not None else "") + ".json"
 
 
 class OutputStore:
@@ -126,13 +172,17 @@ class OutputStore:
         """Commit ``data`` at ``path`` whole or not at all."""
         atomic_write(self.fs, path, data)
 
-    def write_part(self, run_id: str, attempt: int, table: pa.Table) -> str:
-        """Commit one part file of ``table`` (already in the output schema) for ``attempt``; its path."""
+    def write_part(self, run_id: str, attempt: int, table: pa.Table) -> tuple[str, FileStats]:
+        """Commit one part file of ``table`` (already in the output schema) for ``attempt``, its statistics in
+        its footer; its path and those statistics."""
+        stats = FileStats.of_table(table)
+        meta = dict(table.schema.metadata or {})
+        meta[STATS_KEY] = stats.to_json()
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
         path = self.run_path(run_id, f"part-a{attempt}-{uuid.uuid4().hex}.parquet")
         self.write_bytes(path, buf.getvalue())
-        return path
+        return path, stats
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False).encode())
@@ -143,16 +193,58 @@ class OutputStore:
         except FileNotFoundError:
             return None
 
-    def read_index(self) -> list[RunRecord]:
+    # -- the run index and the runs' shard lists -------------------------------------------------------------
+
+    def read_index(self, with_shards: bool = True) -> list[RunRecord]:
+        """The runs, oldest first; ``with_shards`` also reads each run's shard list (one file per run)."""
         index = self.read_json(self.path(INDEX_FILE))
-        return [RunRecord(**r) for r in index["runs"]] if index else []
+        records = [RunRecord(**{"shards": [], **r}) for r in index["runs"]] if index else []
+        if with_shards:
+            for record in records:
+                record.shards = record.shards or self.run_shards(record.run_id)
+        return records
 
     def write_index(self, records: list[RunRecord]) -> None:
-        self.write_json(self.path(INDEX_FILE), {"runs": [asdict(r) for r in records]})
+        small = [{k: v for k, v in asdict(r).items() if k != "shards"}
+                 | {"num_shards": len(r.shards) if r.shards or r.num_shards is None else r.num_shards} for r in records]
+        self.write_json(self.path(INDEX_FILE), {"runs": small})
 
-    def upsert_run(self, record: RunRecord) -> None:
-        records = [r for r in self.read_index() if r.run_id != record.run_id] + [record]
-        self.write_index(records)
+    def upsert_run(self, record: RunRecord, members: dict[str, list[str]] | None = None) -> None:
+        """Add or update ``record`` in the index; a run's shard list is written once, the first time."""
+        if not self.fs.exists(self.run_path(record.run_id, SHARD_LIST_FILE)):
+            self.write_shard_list(record.run_id, record.shards, members or {})
+        self.write_index([r for r in self.read_index(with_shards=False) if r.run_id != record.run_id] + [record])
+
+    def write_shard_list(self, run_id: str, shards: list[str], members: dict[str, list[str]]) -> None:
+        """The run's shards, written once; an image-folder group (``members``) also records its files and their
+        key sum (its size is its file count)."""
+        groups = {s: {"files": members[s], "keysum": f"{keysum(members[s]):016x}"} for s in shards if s in members}
+        self.write_bytes(self.run_path(run_id, SHARD_LIST_FILE),
+                         json.dumps({"shards": shards, "groups": groups}, ensure_ascii=False,
+                                    separators=(",", ":")).encode())
+
+    def _shard_list(self, run_id: str) -> dict[str, Any]:
+        return self.read_json(self.run_path(run_id, SHARD_LIST_FILE)) or {"shards": [], "groups": {}}
+
+    def run_shards(self, run_id: str) -> list[str]:
+        """The run's shard URIs (or group ids), in order."""
+        return self._shard_list(run_id)["shards"]
+
+    def run_members(self, run_id: str) -> dict[str, list[str]]:
+        """An image-folder run's groups: group id -> its files ({} for other formats)."""
+        return {s: g["files"] for s, g in self._shard_list(run_id)["groups"].items()}
+
+    def covered(self, records: list[RunRecord]) -> set[str]:
+        """Every shard, and every file of an image-folder group, that one of ``records`` covers."""
+        out: set[str] = set()
+        for record in records:
+            listed = self._shard_list(record.run_id)
+            groups = listed["groups"]
+            for shard in listed["shards"] or record.shards:
+                out.update(groups[shard]["files"] if shard in groups else (shard,))
+        return out
+
+    # -- part files and progress -----------------------------------------------------------------------------
 
     def _listing(self, *parts: str) -> list[str]:
         """A fresh listing of a folder under the output root (other processes write there); [] if absent."""
@@ -191,42 +283,111 @@ class OutputStore:
             return schema.empty_table()
         return pa.concat_tables(tables)
 
-    def progress(self, run_id: str) -> Progress:
+    def file_stats(self, path: str) -> FileStats:
+        """A part file's statistics from its footer (a file written without them: counted from its rows)."""
+        with self.fs.open(path, "rb", block_size=FOOTER_BLOCK) as f:
+            meta = pq.read_metadata(f).metadata or {}
+            if STATS_KEY in meta:
+                return FileStats.from_json(meta[STATS_KEY])
+            f.seek(0)
+            return FileStats.of_table(pq.read_table(
+                f, columns=["image_id", "source_uri", "task", "status", "error", "num_output_tokens",
+                            "num_input_tokens", "invalid_objects"]))
+
+    def _keys(self, path: str, shards: set[str]) -> dict[str, str]:
+        """The row keys of ``path`` that belong to ``shards`` (key -> shard)."""
+        with self.fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=[*KEY_COLUMNS, "source_uri"])
+        return {row_key(i, t): s for i, t, s in zip(table["image_id"].to_pylist(), table["task"].to_pylist(),
+                                                   table["source_uri"].to_pylist()) if s in shards}
+
+    def progress(self, run_id: str, marks: dict[str, ShardMark] | None = None,
+                 tasks: list[str] | None = None) -> Progress:
         """The run's committed output so far, each ``(image_id, task)`` once.
 
         Part files are taken in a fixed order (the manifest's first, then by name) and a file is accepted
         only when it shares no key with the files accepted before it; a rejected file's rows are the work of
         a writer that outlived a crash or a retried task, and the rows it alone held are simply redone.
+
+        Only footers are read first. A shard whose rows, summed over every file, match its size and key sum
+        for each task (``tasks``, or those present) holds each key once, so its keys are never read. Keys are
+        read only for the other shards (partly committed, duplicated by a zombie writer, or of unknown size,
+        ``marks`` defaulting to the run's recorded sizes), and only from the files holding them.
         """
+        marks = self.shard_marks(run_id) if marks is None else marks
         listed = self.part_files(run_id)
         first = sorted(set(self.manifest(run_id) or ()) & set(listed))
-        progress = Progress()
-        for path in first + [p for p in listed if p not in first]:
+        ordered = first + [p for p in listed if p not in first]
+        stats: dict[str, FileStats] = {}
+        for path in ordered:
             try:
-                with self.fs.open(path, "rb") as f:
-                    table = pq.read_table(f, columns=[*KEY_COLUMNS, "source_uri"])
+                stats[path] = self.file_stats(path)
             except FileNotFoundError:
                 continue
-            keys = dict(zip(map(row_key, table["image_id"].to_pylist(), table["task"].to_pylist()),
-                            table["source_uri"].to_pylist()))
-            if not keys.keys().isdisjoint(progress.keys):
+        total = FileStats()
+        for s in stats.values():
+            total.merge(s)
+        unproven = {shard for shard, by_task in total.shards.items() if not _proven(by_task, marks.get(shard), tasks)}
+        progress = Progress()
+        keys_of: dict[str, dict[str, str]] = {}
+        for path, s in stats.items():  # the acceptance rule, on the keys of unproven shards only
+            if unproven.isdisjoint(s.shards):
+                progress.files[path] = s.rows
+                continue
+            keys_of[path] = self._keys(path, unproven)
+            if not keys_of[path].keys().isdisjoint(progress.keys):
                 progress.rejected.append(path)
                 continue
-            progress.files[path] = table.num_rows
-            progress.keys.update(keys)
-            progress.rows_by_shard.update(table["source_uri"].to_pylist())
+            progress.files[path] = s.rows
+            progress.keys.update(keys_of[path])
+        # A proven shard that a rejected file also held lost rows: it is partly committed now, so its keys count.
+        lost = {shard for path in progress.rejected for shard in stats[path].shards} - unproven
+        for path in progress.files:
+            if lost.isdisjoint(stats[path].shards):
+                continue
+            keys_of[path] = keys_of.get(path, {}) | self._keys(path, lost)
+            progress.keys.update({k: v for k, v in keys_of[path].items() if v in lost})
+        progress.keys_read_from = len(keys_of)
+        progress.stats = {p: stats[p] for p in progress.files}
+        for s in progress.stats.values():
+            progress.rows_by_shard.update(s.rows_by_shard())
         return progress
 
-    def mark_shard(self, run_id: str, shard: str, rows: int) -> None:
-        """Record that reading ``shard`` yielded ``rows`` source rows (idempotent: a re-read rewrites it)."""
-        name = hashlib.sha256(shard.encode()).hexdigest()[:32] + ".json"
-        self.write_json(self.run_path(run_id, SHARDS_DIR, name), {"shard": shard, "rows": rows})
+    # -- shard row counts ------------------------------------------------------------------------------------
+
+    def mark_shard(self, run_id: str, shard: str, rows: int, ks: int | None = None) -> None:
+        """Record that reading ``shard`` yielded ``rows`` source rows whose ids sum to ``ks`` (idempotent: a
+        re-read writes the same name)."""
+        name = _shard_marker_name(shard, rows, ks)
+        self.write_json(self.run_path(run_id, SHARDS_DIR, name), {"shard": shard, "rows": rows, "keysum": ks})
+
+    def shard_marks(self, run_id: str) -> dict[str, ShardMark]:
+        """Source rows (and key sum) of each shard of the run whose size is known: the groups of its shard list,
+        and the shards read to the end, from the marker names in one listing (a marker is read only when its
+        shard is not in the run's shard list)."""
+        listed = self._shard_list(run_id)
+        groups = listed["groups"]
+        marks = {s: ShardMark(len(g["files"]), int(g["keysum"], 16)) for s, g in groups.items()}
+        by_digest = {hashlib.sha256(s.encode()).hexdigest()[:32]: s for s in listed["shards"] if s not in groups}
+        unknown = []
+        for path in self._listing(RUNS_DIR, run_id, SHARDS_DIR):
+            name = posixpath.basename(path)
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            digest, *counts = name[:-5].split("-")
+            if digest in by_digest and counts:
+                marks[by_digest[digest]] = ShardMark(int(counts[0]), int(counts[1], 16) if len(counts) > 1 else None)
+            else:
+                unknown.append(path)
+        if unknown:
+            for raw in self.fs.cat(unknown, on_error="omit").values():
+                record = json.loads(raw)
+                marks[record["shard"]] = ShardMark(record["rows"], record.get("keysum"))
+        return marks
 
     def shard_sizes(self, run_id: str) -> dict[str, int]:
-        """Source rows per shard, for the shards of the run that were read to the end."""
-        paths = [p for p in self._listing(RUNS_DIR, run_id, SHARDS_DIR) if p.endswith(".json")]
-        records = [json.loads(raw) for raw in self.fs.cat(paths, on_error="omit").values()] if paths else []
-        return {r["shard"]: r["rows"] for r in records}
+        """Source rows per shard, for the shards of the run whose size is known (see :meth:`shard_marks`)."""
+        return {s: m.rows for s, m in self.shard_marks(run_id).items()}
 
     def finish_run(self, run_id: str, files: dict[str, int]) -> int:
         """Commit the run's output as exactly ``files`` (path -> rows) and remove every other part or
@@ -264,32 +425,5 @@ class ShardLog:
     store: OutputStore  # shipped whole: its root is already resolved against the driver's working directory
     run_id: str
 
-    def record(self, shard: str, rows: int) -> None:
-        self.store.mark_shard(self.run_id, shard, rows)
-
-
-def error_kind(error: str | None) -> str:
-    """The short kind of an error message: the text before the first ':'."""
-    return (error or "").split(":", 1)[0].strip() or "unknown"
-
-
-def summarize_rows(table: pa.Table) -> dict[str, Any]:
-    """Counts over a run's committed rows: inputs, rows by task and status, errors by kind, tokens."""
-    statuses = table["status"].to_pylist()
-    tasks = table["task"].to_pylist()
-    by_task: dict[str, Counter] = {}
-    for t, s in zip(tasks, statuses):
-        by_task.setdefault(t, Counter())[s] += 1
-    errors = Counter(error_kind(e) for e, s in zip(table["error"].to_pylist(), statuses) if s == "error")
-    reasons = Counter(e for e, s in zip(table["error"].to_pylist(), statuses) if s == "error")
-    return {
-        "inputs_seen": pc.count_distinct(table["image_id"]).as_py() if table.num_rows else 0,
-        "rows_written": table.num_rows,
-        "rows_by_task": {t: dict(c) for t, c in sorted(by_task.items())},
-        "rows_ok": statuses.count("ok"),
-        "rows_error": statuses.count("error"),
-        "errors_by_kind": dict(errors.most_common()),
-        "top_error_reasons": [{"error": e, "rows": n} for e, n in reasons.most_common(5)],
-        "output_tokens": int(pc.sum(table["num_output_tokens"]).as_py() or 0),
-        "invalid_objects": int(pc.sum(table["invalid_objects"]).as_py() or 0),
-    }
+    def record(self, shard: str, rows: int, ks: int | None = None) -> None:
+        self.store.mark_shard(self.run_id, shard, rows, ks)

@@ -64,9 +64,9 @@ def build(config: JobConfig, plan: RunPlan, encoder: PromptEncoder) -> ray.data.
     """The Ray Dataset: shards → read → preprocess (CPU tasks) → PaliGemma (actor pool) → annotated rows."""
     pre, inf = config.preprocess, config.inference
     reader = reader_for(config.input)
-    shards_per_read = 32 if reader.rows_known else 1
+    shards_per_read = 32 if reader.rows_known and not plan.members else 1  # an image-folder group is one read
     ds = ray.data.from_items(
-        [{"shard_uri": s} for s in plan.shards],
+        [{"shard_uri": s, "files": plan.members.get(s)} for s in plan.shards],
         override_num_blocks=max(1, min(len(plan.shards) // shards_per_read or 1, 10_000)),
     )
     ds = ds.map_batches(

@@ -14,8 +14,9 @@ from paligemma_batch.store import OutputStore, WriteStats
 class RunSink(Datasink[WriteStats]):
     """Writes the annotations schema under ``runs/RUN_ID/``, each file atomically.
 
-    The files a write task returns are the invocation's committed files (``stats``); a task attempt that
-    failed after committing some files is retried, and its files are left out of the manifest.
+    The files a write task returns, with each file's statistics (also in its footer), are the invocation's
+    committed files (``stats``); a task attempt that failed after committing some files is retried, and its
+    files are left out of the manifest.
     """
 
     def __init__(self, store: OutputStore, run_id: str, attempt: int, rows_per_file: int, schema: pa.Schema):
@@ -35,7 +36,7 @@ class RunSink(Datasink[WriteStats]):
         table = pa.concat_tables([t.select(self.schema.names).cast(self.schema) for t in tables])
         for start in range(0, table.num_rows, self.rows_per_file):
             part = table.slice(start, self.rows_per_file)
-            stats.files[self.store.write_part(self.run_id, self.attempt, part)] = part.num_rows
+            stats.add(*self.store.write_part(self.run_id, self.attempt, part))
         return stats
 
     @property

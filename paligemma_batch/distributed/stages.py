@@ -18,6 +18,7 @@ from paligemma_batch.images import ImageDecodeError, decode_image
 from paligemma_batch.prompts import PromptEncoder
 from paligemma_batch.readers import SourceRow, reader_for
 from paligemma_batch.schema import ANNOTATIONS, default_row
+from paligemma_batch.stats import KEYSUM_MOD, key_hash
 from paligemma_batch.store import ShardLog, row_key
 
 SOURCE_SCHEMA = pa.schema(
@@ -69,21 +70,26 @@ def read_shards(
 ) -> Iterator[pa.Table]:
     """Ray stage: shard URIs → source rows, streamed in blocks of at most ``READ_ROWS_PER_BLOCK`` rows.
 
-    With a ``shard_log``, each shard read to its end records how many rows it yielded, so that a resumed
-    run can tell finished shards from unfinished ones without reading them again.
+    A row with ``files`` is an image-folder group: its files are read in order, each row keyed by its file
+    and attributed to the group. With a ``shard_log``, each shard read to its end records how many rows it
+    yielded and their key sum, so that a resumed run can tell finished shards from unfinished ones without
+    reading them, or their committed keys, again.
     """
     rows: list[dict] = []
     reader = reader_for(input_cfg)
-    for uri in batch["shard_uri"].to_pylist():
-        count = 0
-        for row in reader.iter_rows(uri, fields):
+    groups = batch["files"].to_pylist() if "files" in batch.column_names else [None] * batch.num_rows
+    for uri, files in zip(batch["shard_uri"].to_pylist(), groups):
+        count, ks = 0, 0
+        source = reader.iter_group(uri, files, fields) if files is not None else reader.iter_rows(uri, fields)
+        for row in source:
             count += 1
+            ks = (ks + key_hash(row.image_id)) % KEYSUM_MOD
             rows.append(row_to_dict(row))
             if len(rows) >= READ_ROWS_PER_BLOCK:
                 yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
                 rows = []
         if shard_log is not None:
-            shard_log.record(uri, count)
+            shard_log.record(uri, count, ks)
     if rows:
         yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 

@@ -122,6 +122,17 @@ class Reader:
                     found.add(full_uri(fs, p))
         return sorted(found)
 
+    def group(self, uris: list[str]) -> dict[str, list[str]]:
+        """Shards made of several listed files (group id -> files, in order); {}: each listed URI is a shard."""
+        return {}
+
+    def iter_group(self, group_id: str, files: list[str], wanted_fields: Iterable[str] = ()) -> Iterator[SourceRow]:
+        """The rows of a group's files in order, each attributed to the group (``source_uri``)."""
+        for uri in files:
+            for row in self.iter_rows(uri, wanted_fields):
+                row.source_uri = group_id
+                yield row
+
     def iter_rows(self, uri: str, wanted_fields: Iterable[str] = ()) -> Iterator[SourceRow]:
         """Stream the rows of one shard; never holds a whole shard in memory.
 
