@@ -85,8 +85,8 @@ class InputConfig(_Strict):
     )
     image_exts: list[str] = Field(
         default_factory=list,
-        description="Extra image extensions of folder files and tar members, added to the defaults (jpg jpeg png "
-        "webp bmp gif tif tiff).",
+        description="Extra image extensions of folder files and tar members, added to the defaults (every extension "
+        "Pillow registers for a format it decodes itself: jpg, png, webp, avif, tiff, jp2, ...; any case).",
     )
     image_column: str = Field(
         "image", description="parquet: the image-bytes column (a struct with a 'bytes' field works)."

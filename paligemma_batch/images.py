@@ -1,7 +1,7 @@
 """Image bytes → RGB pixels at the model's resolution.
 
-Decodes only common formats, applies the EXIF orientation, flattens transparency onto white, maps 16-bit and
-float images to 8 bits, guards against decompression bombs, and lets JPEG decode at a reduced scale (draft mode)
+Decodes every format Pillow reads itself (no external programs), applies the EXIF orientation, flattens
+transparency onto white, maps 16-bit and float images to 8 bits, guards against decompression bombs, and lets JPEG decode at a reduced scale (draft mode)
 when the image is far larger than the model input. Knows nothing of Ray or models.
 """
 
@@ -16,8 +16,21 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Draft decoding keeps at least this multiple of the target size, so the final resize still antialiases.
 DRAFT_HEADROOM = 2
-# The formats ever decoded. Others (EPS runs Ghostscript, PSD, ICNS, ...) are refused whatever the file is named.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+# Pillow formats never decoded, whatever the file is named: EPS hands the file to Ghostscript; the others are
+# stubs that only identify a file (MPEG, the scientific formats without a registered handler) or need Windows.
+NEVER_DECODED = frozenset({"EPS", "MPEG", "BUFR", "GRIB", "HDF5", "WMF"})
+
+
+def _decoded_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(sorted(f for f in Image.OPEN if f not in NEVER_DECODED))
+
+
+# Every format this Pillow opens with its own decoders (AVIF, JPEG 2000, QOI, PPM, TGA, ... besides the usual).
+ALLOWED_FORMATS = _decoded_formats()
+# Their file extensions (lower case, no dot), as Pillow registers them.
+IMAGE_EXTS = tuple(sorted({ext.lstrip(".").lower() for ext, fmt in Image.registered_extensions().items()
+                           if fmt in ALLOWED_FORMATS}))
 
 
 class ImageDecodeError(ValueError):
