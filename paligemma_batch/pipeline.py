@@ -26,9 +26,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from paligemma_batch import checks
 from paligemma_batch.config import ConfigError, JobConfig
 from paligemma_batch.model import source_problems
-from paligemma_batch.readers import list_shards, reader_for
+from paligemma_batch.readers import ShardList, list_shards, reader_for
 from paligemma_batch.storage import is_local
 from paligemma_batch.store import SUMMARY_FILE, OutputStore, RunRecord, WriteStats, new_run_id, now_iso, summarize_rows
 from paligemma_batch.summary import RunSummary
@@ -94,7 +95,11 @@ def _check_model(config: JobConfig) -> list[str]:
     import importlib.util
 
     model, inf = config.model, config.inference
-    problems = source_problems(model, config.model_storage)
+    unreachable = checks.storage_problem("model.source", model.source, config.model_storage) if "://" in model.source else None
+    problems = [unreachable] if unreachable else source_problems(model, config.model_storage)
+    if not problems:
+        problems += checks.model_file_problems(config)
+    problems += checks.mask_decoder_problems(config)
     if model.precision in ("int8", "int4") and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(f"model.precision: {model.precision} needs bitsandbytes (pip install bitsandbytes)")
     if inf.num_gpus > 1 and inf.num_gpus != int(inf.num_gpus):
@@ -153,24 +158,36 @@ def _check_resources(config: JobConfig, resources: dict[str, float]) -> list[str
     return problems
 
 
-def validate(config: JobConfig, check_resources: bool = True) -> tuple[list[str], list[str]]:
-    """Every problem with ``config`` as one line naming its key, and the shards found. Writes nothing."""
+def validate(config: JobConfig, check_resources: bool = True) -> tuple[list[str], ShardList]:
+    """Every problem with ``config`` as one line naming its key, and the shards found. Writes nothing.
+
+    Cheap: a listing, one Parquet footer or a few tar member headers, file headers of the model; no image is read.
+    """
     problems: list[str] = []
-    try:
-        shards = list_shards(config.input)
-    except Exception as err:
-        shards = []
-        problems.append(f"input.uri: cannot list {config.input.uri}: {type(err).__name__}: {err}")
+    shards = ShardList()
+    unreachable = checks.storage_problem("input.uri", _first_uri(config.input.uri), config.input.storage_options)
+    if unreachable:
+        problems.append(unreachable)
     else:
-        if not shards:
-            problems.append(f"input.uri: no {config.input.format} shards at {config.input.uri}")
+        try:
+            listed = list_shards(config.input)
+            shards = listed if isinstance(listed, ShardList) else ShardList(listed)
+        except Exception as err:
+            problems.append(f"input.uri: cannot list {config.input.uri}: {checks.describe(err, _first_uri(config.input.uri))}")
+        else:
+            problems += checks.input_problems(config, shards)
     if not reader_for(config.input).has_fields and any(t.question_key for t in config.tasks):
         problems.append(f"tasks: question_key needs per-image fields, which {config.input.format} input lacks")
-    problems += _check_output(config)
+    unreachable = checks.storage_problem("output.uri", config.output.uri, config.output_storage)
+    problems += [unreachable] if unreachable else _check_output(config)
     problems += _check_model(config)
     if check_resources:
         problems += _check_resources(config, cluster_resources(config))
     return problems, shards
+
+
+def _first_uri(uri: str | list[str]) -> str:
+    return uri if isinstance(uri, str) else (uri[0] if uri else "")
 
 
 def plan_run(config: JobConfig, store: OutputStore, shards: list[str]) -> RunPlan:
