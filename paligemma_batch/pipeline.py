@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from paligemma_batch.config import ConfigError, JobConfig
 from paligemma_batch.model import source_problems
 from paligemma_batch.readers import ShardList, list_shards, reader_for
 from paligemma_batch.storage import is_local
-from paligemma_batch.store import SUMMARY_FILE, OutputStore, RunRecord, WriteStats, new_run_id, now_iso, summarize_rows
+from paligemma_batch.store import INDEX_FILE, SUMMARY_FILE, OutputStore, RunRecord, WriteStats, new_run_id, now_iso, summarize_rows
 from paligemma_batch.summary import RunSummary
 
 # GPUs without bfloat16 support, as Ray names them in accelerator_type resources.
@@ -230,6 +231,7 @@ def run(config: JobConfig) -> RunSummary:
     plan = plan_run(config, store, shards)
     if not plan.shards and not plan.resumed:
         return RunSummary(plan.run_id, store.run_uri(plan.run_id), "nothing_to_do")
+    root_existed = store.fs.exists(store.root)
     store.upsert_run(plan.record)
     t0 = time.perf_counter()
     if plan.shards:
@@ -239,10 +241,38 @@ def run(config: JobConfig) -> RunSummary:
     else:
         written = WriteStats()
     wall = time.perf_counter() - t0
-    return _finish(config, store, plan, written, wall)
+    failure = None if plan.resumed else checks.config_failure(_first_errors(store, written))
+    if failure:
+        _discard_run(store, plan.run_id, root_existed)
+        raise ConfigError([failure])
+    return _finish(config, store, plan, written, wall, shards.skipped if isinstance(shards, ShardList) else {})
 
 
-def _finish(config: JobConfig, store: OutputStore, plan: RunPlan, written: WriteStats, wall: float) -> RunSummary:
+def _first_errors(store: OutputStore, written: WriteStats) -> Iterator[str | None]:
+    """The ``error`` of the run's rows (None for an ok row), file by file, reading only as far as asked."""
+    import pyarrow.parquet as pq
+
+    for path in sorted(written.files):
+        with store.fs.open(path, "rb") as f:
+            yield from pq.read_table(f, columns=["error"])["error"].to_pylist()
+
+
+def _discard_run(store: OutputStore, run_id: str, root_existed: bool) -> None:
+    """Remove a run that stopped on a configuration failure: its files and index record, and the output root
+    when the run created it, so that the fixed config starts afresh."""
+    if store.fs.exists(store.run_path(run_id)):
+        store.fs.rm(store.run_path(run_id), recursive=True)
+    others = [r for r in store.read_index() if r.run_id != run_id]
+    if others:
+        store.write_index(others)
+    elif not root_existed:
+        store.fs.rm(store.root, recursive=True)
+    else:
+        store.fs.rm_file(store.path(INDEX_FILE))
+
+
+def _finish(config: JobConfig, store: OutputStore, plan: RunPlan, written: WriteStats, wall: float,
+            skipped: dict[str, int] | None = None) -> RunSummary:
     """Commit the run's manifest, summary and index record."""
     discarded = store.finish_run(plan.run_id, {**plan.committed, **written.files})
     table = store.read_run(plan.run_id, ["image_id", "task", "status", "error", "num_output_tokens",
@@ -258,6 +288,7 @@ def _finish(config: JobConfig, store: OutputStore, plan: RunPlan, written: Write
         masks_decoded=bool(config.model.mask_decoder),
         shards=len(plan.record.shards),
         shards_read=len(plan.shards),
+        skipped_files=dict(skipped or {}),
         attempts=plan.record.attempts,
         **counts,
         rows_this_invocation=written.rows,
