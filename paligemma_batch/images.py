@@ -7,6 +7,7 @@ when the image is far larger than the model input. Knows nothing of Ray or model
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -21,17 +22,22 @@ DRAFT_HEADROOM = 2
 NEVER_DECODED = frozenset({"EPS", "MPEG", "BUFR", "GRIB", "HDF5", "WMF"})
 
 
-def _decoded_formats() -> tuple[str, ...]:
+@functools.cache
+def decoded_formats() -> tuple[str, ...]:
+    """Every format this Pillow opens with its own decoders (AVIF, JPEG 2000, QOI, PPM, TGA, ... besides the usual).
+
+    Computed on first use: registering every Pillow plugin takes a noticeable part of a second.
+    """
     Image.init()
     return tuple(sorted(f for f in Image.OPEN if f not in NEVER_DECODED))
 
 
-# Every format this Pillow opens with its own decoders (AVIF, JPEG 2000, QOI, PPM, TGA, ... besides the usual).
-ALLOWED_FORMATS = _decoded_formats()
-# Their file extensions (lower case, no dot), as Pillow registers them.
-IMAGE_EXTS = tuple(sorted({ext.lstrip(".").lower() for ext, fmt in Image.registered_extensions().items()
-                           if fmt in ALLOWED_FORMATS}))
-
+@functools.cache
+def image_extensions() -> tuple[str, ...]:
+    """The file extensions of :func:`decoded_formats` (lower case, no dot), as Pillow registers them."""
+    formats = set(decoded_formats())
+    return tuple(sorted({ext.lstrip(".").lower() for ext, fmt in Image.registered_extensions().items()
+                         if fmt in formats}))
 
 class ImageDecodeError(ValueError):
     """An image that cannot become model input; ``kind`` is a short machine-readable reason."""
@@ -68,10 +74,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Read the header only, in an allowed format, and refuse more than ``max_pixels`` before any decoding."""
     try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=decoded_formats())
     except UnidentifiedImageError:
         raise ImageDecodeError(
-            "decode", f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)}); starts with {data[:12]!r}"
+            "decode", f"not an image in an allowed format ({', '.join(decoded_formats())}); starts with {data[:12]!r}"
         ) from None
     if img.width * img.height > max_pixels:
         raise ImageDecodeError("too_large", f"{img.width}x{img.height} exceeds {max_pixels} pixels")

@@ -17,11 +17,10 @@ from typing import ClassVar
 import fsspec
 
 from paligemma_batch.config import InputConfig
-from paligemma_batch.images import IMAGE_EXTS
+from paligemma_batch.images import image_extensions
 from paligemma_batch.storage import filesystem, full_uri, is_local
 
 KEY_SEPARATOR = "::"
-DEFAULT_IMAGE_EXTS = IMAGE_EXTS  # every extension Pillow registers for a format images.py decodes
 
 
 @dataclass
@@ -72,9 +71,10 @@ def _shard_error(uri: str, err: Exception, rows_read: int) -> SourceRow:
 
 
 def image_exts(cfg: InputConfig) -> tuple[str, ...]:
-    """The image extensions of files and tar members: the defaults plus ``input.image_exts``."""
+    """The image extensions of files and tar members: every one Pillow registers for a format
+    :mod:`paligemma_batch.images` decodes, plus ``input.image_exts``."""
     extra = (e.strip().lower().lstrip(".") for e in cfg.image_exts)
-    return tuple(dict.fromkeys([*DEFAULT_IMAGE_EXTS, *(e for e in extra if e)]))
+    return tuple(dict.fromkeys([*image_extensions(), *(e for e in extra if e)]))
 
 
 class ShardList(list):
