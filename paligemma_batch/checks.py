@@ -219,16 +219,20 @@ def safetensors_problem(f) -> str | None:
 
 
 def model_file_problems(config: JobConfig) -> list[str]:
-    """The safetensors files of a local or fsspec model folder, each checked on its header."""
+    """The safetensors files of a local model folder, each checked on its header.
+
+    A bucket folder is left to the per-node download, which fetches each file once; reading headers here would
+    fetch them twice.
+    """
     from paligemma_batch.model import classify_source
 
     try:
         source = classify_source(config.model.source)
     except Exception:
         return []  # model.source_problems reports it
-    if source.kind == "hub":
+    if source.kind != "local":
         return []
-    fs, root = filesystem(source.location, config.model_storage)
+    fs, root = filesystem(source.location)
     try:
         names = [p for p in fs.ls(root, detail=False) if p.endswith(".safetensors")]
     except (FileNotFoundError, NotADirectoryError):

@@ -132,6 +132,7 @@ def test_a_run_whose_rows_all_fail_for_a_config_reason_stops_uncommitted(ray_loc
     from paligemma_batch.config import ConfigError
 
     out = tmp_path / "out"
+    (parquet_file.parent / "README.md").write_text("not a shard: counted in the summary")
     section = {"uri": str(parquet_file.parent), "format": "parquet", "id_column": "kee"}
     config = job_config(tiny_model_dir, section["uri"], str(out), input=section)
     monkeypatch.setattr(checks, "input_problems", lambda *args: [])
@@ -144,3 +145,4 @@ def test_a_run_whose_rows_all_fail_for_a_config_reason_stops_uncommitted(ray_loc
     fixed = job_config(tiny_model_dir, section["uri"], str(out), input={**section, "id_column": "key"})
     summary = pipeline.run(fixed)
     assert summary.status == "finished" and summary.rows_ok == 3 * len(fixed.tasks)
+    assert summary.skipped_files == {"md": 1}
