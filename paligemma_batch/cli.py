@@ -12,21 +12,25 @@ import yaml
 
 from paligemma_batch.config import ConfigError, JobConfig, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Annotate image corpora with PaliGemma on Ray.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Annotate image corpora with PaliGemma on Ray.")
 
 SetOption = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a config key: --set output.uri=s3://b/out")
+    Optional[list[str]], typer.Option("--set", help="Override a config key: --set output.uri=s3://b/out, "
+                                      "--set tasks.0.lang=de (a number addresses a list item)")
 ]
+DEBUG = {"on": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of a failure.")) -> None:
+    DEBUG["on"] = debug
 
 
 def _overrides(pairs: list[str] | None) -> dict:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set {pair}: expected KEY=VALUE")
-        out[key] = yaml.safe_load(value)
-    return out
+    from paligemma_batch.config import parse_overrides
+
+    return parse_overrides(pairs or [])
 
 
 def _load(config: Path, pairs: list[str] | None) -> JobConfig:
@@ -50,7 +54,11 @@ def print_report(summary: dict) -> None:
 
 
 @app.command()
-def validate(config: Path, set_: SetOption = None) -> None:
+def validate(
+    config: Path,
+    set_: SetOption = None,
+    verbose: bool = typer.Option(False, "--verbose", help="List every shard, and every file the listing skipped."),
+) -> None:
     """Check a config before any side effect: keys, inputs, output, model source, cluster resources."""
     from paligemma_batch.pipeline import validate as check
 
@@ -58,7 +66,18 @@ def validate(config: Path, set_: SetOption = None) -> None:
     problems, shards = check(job)
     if problems:
         _fail(problems)
-    typer.echo(f"ok: {len(shards)} shards, {len(job.tasks)} tasks, output {job.output.uri}")
+    skipped = sum(shards.skipped.values())
+    note = f", {skipped} files skipped ({_by_ext(shards.skipped)})" if skipped else ""
+    typer.echo(f"ok: {len(shards)} shards, {len(job.tasks)} tasks, output {job.output.uri}{note}")
+    if verbose:
+        for shard in shards:
+            typer.echo(f"  shard    {shard}" + ("  (missing: an error row)" if shard in shards.missing else ""))
+        for path in shards.skipped_paths:
+            typer.echo(f"  skipped  {path}")
+
+
+def _by_ext(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} .{ext}" if ext != "(none)" else f"{n} without extension" for ext, n in sorted(counts.items()))
 
 
 @app.command()
@@ -108,25 +127,42 @@ ConfigOption = Annotated[
     typer.Option("--config", help="A job config: its input section tells how to read the shards, and its storage "
                  "options how to reach the output (default: storage from the environment, format from extensions)."),
 ]
+EndpointOption = Annotated[
+    Optional[str],
+    typer.Option("--endpoint-url", help="S3-compatible endpoint (default: the config's, else the environment's); "
+                 "credentials come from the config or the usual AWS chain."),
+]
 RunOption = Annotated[Optional[str], typer.Option("--run", help="One run id (default: every finished run).")]
 
 
-def _result_sources(config: Path | None):
-    """The input section and output storage options of ``--config``, or (None, defaults)."""
+def _result_sources(output: str, config: Path | None, endpoint_url: str | None = None):
+    """The input section and output storage options of ``--config`` and ``--endpoint-url``, or (None, defaults);
+    fails with one line when the output's store cannot be reached."""
+    from paligemma_batch.checks import storage_problem
     from paligemma_batch.config import StorageOptions
 
-    if config is None:
-        return None, StorageOptions()
-    job = _load(config, None)
-    return job.input, job.output_storage
+    job = None if config is None else _load(config, None)
+    input_config, storage = (None, StorageOptions()) if job is None else (job.input, job.output_storage)
+    if endpoint_url:
+        try:
+            StorageOptions(endpoint_url=endpoint_url)
+        except ValueError as err:
+            _fail([f"--endpoint-url: {err.errors()[0]['msg'].removeprefix('Value error, ')}"])
+        storage = storage.model_copy(update={"endpoint_url": endpoint_url})
+        if input_config is not None:
+            input_config = input_config.model_copy(update={"storage_options": input_config.storage_options.model_copy(
+                update={"endpoint_url": endpoint_url})})
+    problem = storage_problem(output, output, storage)
+    if problem:
+        _fail([problem.replace(f"{output}: cannot reach {output}", f"{output}: cannot reach it", 1)])
+    return input_config, storage
 
 
 @app.command()
 def runs(
     output: str = typer.Argument(help="The output root of a job (local folder or s3://...)."),
     config: ConfigOption = None,
-    endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: the config's, else "
-                                               "the environment's); credentials come from the usual AWS chain."),
+    endpoint_url: EndpointOption = None,
     shards: bool = typer.Option(False, "--shards", help="List each run's shards under it."),
     as_json: bool = typer.Option(False, "--json", help="Print the run index as JSON."),
 ) -> None:
@@ -135,9 +171,7 @@ def runs(
 
     from paligemma_batch.store import OutputStore
 
-    _, storage = _result_sources(config)
-    if endpoint_url:
-        storage = storage.model_copy(update={"endpoint_url": endpoint_url})
+    _, storage = _result_sources(output, config, endpoint_url)
     records = OutputStore(output, storage).read_index(with_shards=shards or as_json)
     if not records:
         _fail([f"no runs at {output} (no _RUNS.json)"])
@@ -164,11 +198,12 @@ def inspect(
     run_id: RunOption = None,
     seed: int = typer.Option(0, help="Seed of the sample."),
     config: ConfigOption = None,
+    endpoint_url: EndpointOption = None,
 ) -> None:
     """Write a self-contained HTML report: sampled images with their boxes, masks, answers and errors."""
     from paligemma_batch.report import write_report
 
-    input_config, storage = _result_sources(config)
+    input_config, storage = _result_sources(output, config, endpoint_url)
     try:
         result = write_report(output, report, sample=sample, task=task, where=where or [], run_id=run_id, seed=seed,
                               input_config=input_config, storage_options=storage)
@@ -191,20 +226,28 @@ def export(
                                              "those with boxes); repeatable."),
     categories: Optional[str] = typer.Option(None, help="Comma-separated category names, in id order; objects "
                                              "with other labels are left out (default: every label, sorted)."),
+    images: Optional[str] = typer.Option(None, "--images", help="Also write the source images to this folder "
+                                         "(local or s3://), named as the JSON's file_name; the id stays in "
+                                         "paligemma_image_id."),
     run_id: RunOption = None,
     config: ConfigOption = None,
+    endpoint_url: EndpointOption = None,
 ) -> None:
-    """Export boxes and masks as COCO detection + segmentation JSON."""
+    """Export boxes and masks as COCO detection + segmentation JSON (and the source images, with --images)."""
     from paligemma_batch.export import write_coco
 
-    _, storage = _result_sources(config)
+    input_config, storage = _result_sources(output, config, endpoint_url)
     names = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
     try:
-        path, coco = write_coco(output, to, task, names, run_id, storage)
+        path, coco = write_coco(output, to, task, names, run_id, storage, images, input_config)
     except (FileNotFoundError, ValueError) as err:
         _fail([str(err)])
     typer.echo(f"coco: {path} ({len(coco['images'])} images, {len(coco['categories'])} categories, "
                f"{len(coco['annotations'])} annotations from {', '.join(coco['info']['tasks']) or 'no task'})")
+    if images:
+        unreadable = coco["info"]["images_unreadable"]
+        typer.echo(f"images: {len(coco['images']) - len(unreadable)} written to {images}"
+                   + (f"; {len(unreadable)} could not be read from their shards" if unreadable else ""))
 
 
 @app.command()
@@ -235,8 +278,31 @@ def evaluate(
     typer.echo(metrics.json_line())
 
 
+def _error_line(err: Exception) -> tuple[str, int]:
+    """A failure as ``<key or path>: <reason>`` and its exit status: 2 for an expected failure, 1 for a bug."""
+    from paligemma_batch.checks import describe
+
+    if isinstance(err, ConfigError):
+        return "\n".join(f"error: {line}" for line in err.problems), 2
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)) and err.filename:
+        return f"error: {err.filename}: {err.strerror or describe(err)}", 2
+    if isinstance(err, (OSError, ValueError, KeyError, yaml.YAMLError)) or type(err).__module__.startswith(
+            ("botocore", "aiobotocore", "s3fs", "fsspec", "pyarrow")):
+        text = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        return f"error: {text if isinstance(err, (FileNotFoundError, ValueError)) else describe(err)}", 2
+    return f"error: internal: {describe(err)} (rerun with --debug for the traceback)", 1
+
+
 def main() -> None:
-    app()
+    """The console entry point: expected failures print one ``error:`` line (exit 2); ``--debug`` shows tracebacks."""
+    try:
+        app()
+    except Exception as err:
+        if DEBUG["on"]:
+            raise
+        line, status = _error_line(err)
+        typer.echo(line, err=True)
+        raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

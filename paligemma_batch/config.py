@@ -85,8 +85,8 @@ class InputConfig(_Strict):
     )
     image_exts: list[str] = Field(
         default_factory=list,
-        description="Extra image extensions of folder files and tar members, added to the defaults (jpg jpeg png "
-        "webp bmp gif tif tiff).",
+        description="Extra image extensions of folder files and tar members, added to the defaults (every extension "
+        "Pillow registers for a format it decodes itself: jpg, png, webp, avif, tiff, jp2, ...; any case).",
     )
     image_column: str = Field(
         "image", description="parquet: the image-bytes column (a struct with a 'bytes' field works)."
@@ -307,18 +307,70 @@ def parse_config(data: dict[str, Any]) -> JobConfig:
         raise ConfigError(_format_errors(err)) from None
 
 
+def _yaml_error(where: str, err: yaml.YAMLError) -> str:
+    """A YAML error as one line with its line and column (1-based)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}: invalid YAML at {at}{problem}" + (f" ({context})" if context else "")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``--set``) as dotted keys and YAML values; :class:`ConfigError` names a bad one."""
+    out: dict[str, Any] = {}
+    problems = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            problems.append(f"--set {pair}: expected KEY=VALUE")
+            continue
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problems.append(_yaml_error(f"{key} (--set)", err))
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``dotted`` (``output.uri``, ``tasks.0.lang``: a number addresses a list item) in ``data``."""
+    node: Any = data
+    *parents, leaf = dotted.split(".")
+    for depth, part in enumerate([*parents, leaf]):
+        where = ".".join([*parents, leaf][:depth + 1])
+        last = depth == len(parents)
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit():
+                raise ConfigError([f"{where}: {'.'.join(parents[:depth]) or 'it'} is a list; address an item by number"])
+            index = int(part)
+            if not -len(node) <= index < len(node):
+                raise ConfigError([f"{where}: no item {index}; the list has {len(node)}"])
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError([f"{where}: its parent is a {type(node).__name__}, not a mapping or a list"])
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """Load a YAML config file, apply dotted-key ``overrides`` (``{"output.uri": ...}``) and validate it."""
+    """Load a YAML config file, apply dotted-key ``overrides`` (``{"output.uri": ..., "tasks.0.lang": ...}``)
+    and validate it. Every problem is a :class:`ConfigError` line: YAML errors with their line and column."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError([f"{path}: {err}".splitlines()[0]]) from None
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read ({err.strerror or err})"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError([_yaml_error(str(path), err)]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping"])
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        apply_override(data, dotted, value)
     return parse_config(data)

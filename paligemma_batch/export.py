@@ -64,11 +64,14 @@ def to_coco(
     table: pa.Table,
     tasks: Sequence[str] | None = None,
     categories: Sequence[str] | None = None,
+    file_names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """COCO JSON (images, categories, annotations) from output rows.
 
     - images: every image with an ``ok`` row of the exported ``tasks`` (default :func:`object_tasks`), ids
-      1..N in ``image_id`` order, ``file_name`` = the ``image_id``, original ``width``/``height``;
+      1..N in ``image_id`` order, ``file_name`` = ``file_names[image_id]`` (the file written by
+      :func:`write_source_images`), else the ``image_id``; the ``image_id`` also in ``paligemma_image_id``;
+      original ``width``/``height``;
     - categories: ``categories`` in the order given (ids 1..K; objects with other labels are left out and
       counted in ``info.objects_left_out``), or every label found, sorted;
     - annotations: ``bbox`` xywh, ``segmentation`` as RLE where a mask was decoded (else the box polygon),
@@ -87,7 +90,8 @@ def to_coco(
     for r in rows:
         if r["image_id"] not in image_ids:
             image_ids[r["image_id"]] = len(image_ids) + 1
-            images.append({"id": image_ids[r["image_id"]], "file_name": r["image_id"],
+            name = file_names.get(r["image_id"], r["image_id"]) if file_names else r["image_id"]
+            images.append({"id": image_ids[r["image_id"]], "file_name": name, "paligemma_image_id": r["image_id"],
                            "width": r["width"], "height": r["height"]})
     annotations = []
     for r, o in objects:
@@ -147,6 +151,47 @@ def to_supervision(row: Mapping[str, Any], class_names: Sequence[str] | None = N
 
 
 COCO_FILE = "coco.json"
+# File extensions of written source images, for the formats whose first registered one is not the usual one.
+USUAL_EXTS = {"JPEG": ".jpg", "TIFF": ".tif", "JPEG2000": ".jp2", "PNG": ".png"}
+
+
+def image_file_name(number: int, data: bytes) -> str:
+    """``000001.jpg``: the COCO image id, and the extension of the format the bytes' header names."""
+    import io
+
+    from PIL import Image
+
+    try:
+        fmt = Image.open(io.BytesIO(data)).format
+    except Exception:  # not an image Pillow knows: the bytes are still written, without an extension
+        fmt = None
+    ext = USUAL_EXTS.get(fmt) or next((e for e, f in Image.registered_extensions().items() if f == fmt), "")
+    return f"{number:06d}{ext}"
+
+
+def write_source_images(
+    table: pa.Table,
+    directory: str,
+    input_config: Any | None = None,
+    storage_options: StorageOptions | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """Write the source image of every ``ok`` row's image to ``directory`` (local or fsspec), read back through the
+    readers; the file name of each image (``image_id`` -> name) and the ids whose source could not be read."""
+    from paligemma_batch.results import read_source_images
+    from paligemma_batch.storage import write_uri
+
+    rows = table.select(["image_id", "source_uri", "status"]).to_pylist()
+    pairs = sorted({(r["image_id"], r["source_uri"]) for r in rows if r["status"] == "ok"})
+    sources = read_source_images(pairs, input_config, storage_options)
+    names, missing = {}, []
+    for number, (image_id, _) in enumerate(pairs, start=1):
+        source = sources.get(image_id)
+        if source is None or source.data is None:
+            missing.append(image_id)
+            continue
+        names[image_id] = image_file_name(number, source.data)
+        write_uri(f"{directory.rstrip('/')}/{names[image_id]}", source.data, storage_options)
+    return names, missing
 
 
 def write_coco(
@@ -156,14 +201,27 @@ def write_coco(
     categories: Sequence[str] | None = None,
     run_id: str | None = None,
     storage_options: StorageOptions | None = None,
+    images_dir: str | None = None,
+    input_config: Any | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Export the output at ``uri`` as COCO JSON to ``output`` (default ``coco.json`` in the output root).
 
-    Returns the path written and the COCO dict.
+    With ``images_dir``, the source images are written there too (read back through the readers, with
+    ``input_config``'s options when given), and each ``file_name`` is the written file's name, so a COCO tool
+    opens them with ``images_dir`` as its image folder. Returns the path written and the COCO dict.
     """
     from paligemma_batch.results import read_results, write_beside
 
-    columns = ["image_id", "width", "height", "task", "status", "detections", "masks"]
-    coco = to_coco(read_results(uri, run_id, columns=columns, storage_options=storage_options), tasks, categories)
+    columns = ["image_id", "source_uri", "width", "height", "task", "status", "detections", "masks"]
+    table = read_results(uri, run_id, columns=columns, storage_options=storage_options)
+    names, missing = None, []
+    if images_dir is not None:
+        exported = set(object_tasks(table) if tasks is None else tasks)
+        table = table.filter(pa.array([t in exported for t in table["task"].to_pylist()], pa.bool_()))
+        names, missing = write_source_images(table, images_dir, input_config, storage_options)
+    coco = to_coco(table, tasks, categories, names)
+    if images_dir is not None:
+        coco["info"]["images_dir"] = images_dir
+        coco["info"]["images_unreadable"] = missing
     path = write_beside(uri, output, COCO_FILE, json.dumps(coco).encode(), storage_options)
     return path, coco

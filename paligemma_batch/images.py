@@ -1,12 +1,13 @@
 """Image bytes → RGB pixels at the model's resolution.
 
-Decodes only common formats, applies the EXIF orientation, flattens transparency onto white, maps 16-bit and
-float images to 8 bits, guards against decompression bombs, and lets JPEG decode at a reduced scale (draft mode)
+Decodes every format Pillow reads itself (no external programs), applies the EXIF orientation, flattens
+transparency onto white, maps 16-bit and float images to 8 bits, guards against decompression bombs, and lets JPEG decode at a reduced scale (draft mode)
 when the image is far larger than the model input. Knows nothing of Ray or models.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -16,9 +17,27 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Draft decoding keeps at least this multiple of the target size, so the final resize still antialiases.
 DRAFT_HEADROOM = 2
-# The formats ever decoded. Others (EPS runs Ghostscript, PSD, ICNS, ...) are refused whatever the file is named.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+# Pillow formats never decoded, whatever the file is named: EPS hands the file to Ghostscript; the others are
+# stubs that only identify a file (MPEG, the scientific formats without a registered handler) or need Windows.
+NEVER_DECODED = frozenset({"EPS", "MPEG", "BUFR", "GRIB", "HDF5", "WMF"})
 
+
+@functools.cache
+def decoded_formats() -> tuple[str, ...]:
+    """Every format this Pillow opens with its own decoders (AVIF, JPEG 2000, QOI, PPM, TGA, ... besides the usual).
+
+    Computed on first use: registering every Pillow plugin takes a noticeable part of a second.
+    """
+    Image.init()
+    return tuple(sorted(f for f in Image.OPEN if f not in NEVER_DECODED))
+
+
+@functools.cache
+def image_extensions() -> tuple[str, ...]:
+    """The file extensions of :func:`decoded_formats` (lower case, no dot), as Pillow registers them."""
+    formats = set(decoded_formats())
+    return tuple(sorted({ext.lstrip(".").lower() for ext, fmt in Image.registered_extensions().items()
+                         if fmt in formats}))
 
 class ImageDecodeError(ValueError):
     """An image that cannot become model input; ``kind`` is a short machine-readable reason."""
@@ -60,10 +79,10 @@ def to_model_input(img: Image.Image, size: tuple[int, int], resample: int) -> np
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Read the header only, in an allowed format, and refuse more than ``max_pixels`` before any decoding."""
     try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=decoded_formats())
     except UnidentifiedImageError:
         raise ImageDecodeError(
-            "decode", f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)}); starts with {data[:12]!r}"
+            "decode", f"not an image in an allowed format ({', '.join(decoded_formats())}); starts with {data[:12]!r}"
         ) from None
     if img.width * img.height > max_pixels:
         raise ImageDecodeError("too_large", f"{img.width}x{img.height} exceeds {max_pixels} pixels")

@@ -23,16 +23,18 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from paligemma_batch import checks
 from paligemma_batch.config import ConfigError, JobConfig
 from paligemma_batch.lease import acquire_lease
 from paligemma_batch.model import source_problems
-from paligemma_batch.readers import list_shards, reader_for
+from paligemma_batch.readers import ShardList, list_shards, reader_for
 from paligemma_batch.storage import is_local
 from paligemma_batch.stats import FileStats
-from paligemma_batch.store import SUMMARY_FILE, OutputStore, RunRecord, WriteStats, new_run_id, now_iso
+from paligemma_batch.store import INDEX_FILE, SUMMARY_FILE, OutputStore, RunRecord, WriteStats, new_run_id, now_iso
 from paligemma_batch.summary import RunSummary
 
 # GPUs without bfloat16 support, as Ray names them in accelerator_type resources.
@@ -98,7 +100,11 @@ def _check_model(config: JobConfig) -> list[str]:
     import importlib.util
 
     model, inf = config.model, config.inference
-    problems = source_problems(model, config.model_storage)
+    unreachable = checks.storage_problem("model.source", model.source, config.model_storage) if "://" in model.source else None
+    problems = [unreachable] if unreachable else source_problems(model, config.model_storage)
+    if not problems:
+        problems += checks.model_file_problems(config)
+    problems += checks.mask_decoder_problems(config)
     if model.precision in ("int8", "int4") and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(f"model.precision: {model.precision} needs bitsandbytes (pip install bitsandbytes)")
     if inf.num_gpus > 1 and inf.num_gpus != int(inf.num_gpus):
@@ -157,24 +163,36 @@ def _check_resources(config: JobConfig, resources: dict[str, float]) -> list[str
     return problems
 
 
-def validate(config: JobConfig, check_resources: bool = True) -> tuple[list[str], list[str]]:
-    """Every problem with ``config`` as one line naming its key, and the shards found. Writes nothing."""
+def validate(config: JobConfig, check_resources: bool = True) -> tuple[list[str], ShardList]:
+    """Every problem with ``config`` as one line naming its key, and the shards found. Writes nothing.
+
+    Cheap: a listing, one Parquet footer or a few tar member headers, file headers of the model; no image is read.
+    """
     problems: list[str] = []
-    try:
-        shards = list_shards(config.input)
-    except Exception as err:
-        shards = []
-        problems.append(f"input.uri: cannot list {config.input.uri}: {type(err).__name__}: {err}")
+    shards = ShardList()
+    unreachable = checks.storage_problem("input.uri", _first_uri(config.input.uri), config.input.storage_options)
+    if unreachable:
+        problems.append(unreachable)
     else:
-        if not shards:
-            problems.append(f"input.uri: no {config.input.format} shards at {config.input.uri}")
+        try:
+            listed = list_shards(config.input)
+            shards = listed if isinstance(listed, ShardList) else ShardList(listed)
+        except Exception as err:
+            problems.append(f"input.uri: cannot list {config.input.uri}: {checks.describe(err, _first_uri(config.input.uri))}")
+        else:
+            problems += checks.input_problems(config, shards)
     if not reader_for(config.input).has_fields and any(t.question_key for t in config.tasks):
         problems.append(f"tasks: question_key needs per-image fields, which {config.input.format} input lacks")
-    problems += _check_output(config)
+    unreachable = checks.storage_problem("output.uri", config.output.uri, config.output_storage)
+    problems += [unreachable] if unreachable else _check_output(config)
     problems += _check_model(config)
     if check_resources:
         problems += _check_resources(config, cluster_resources(config))
     return problems, shards
+
+
+def _first_uri(uri: str | list[str]) -> str:
+    return uri if isinstance(uri, str) else (uri[0] if uri else "")
 
 
 def plan_run(config: JobConfig, store: OutputStore, shards: list[str]) -> RunPlan:
@@ -228,6 +246,7 @@ def run(config: JobConfig) -> RunSummary:
     if problems:
         raise ConfigError(problems)
     store = OutputStore(config.output.uri, config.output_storage)
+    root_existed = store.fs.exists(store.root)
     with acquire_lease(store.fs, store.root, f"pid {os.getpid()}", config.output.lease_timeout_s) as lease:
         plan = plan_run(config, store, shards)
         if not plan.shards and not plan.resumed:
@@ -241,11 +260,39 @@ def run(config: JobConfig) -> RunSummary:
         else:
             written = WriteStats()
         wall = time.perf_counter() - t0
-        lease.check()  # a job that lost its lease (it stalled past the timeout) must not commit
-        return _finish(config, store, plan, written, wall)
+        failure = None if plan.resumed else checks.config_failure(_first_errors(store, written))
+        if not failure:
+            lease.check()  # a job that lost its lease (it stalled past the timeout) must not commit
+            return _finish(config, store, plan, written, wall,
+                           shards.skipped if isinstance(shards, ShardList) else {})
+        _discard_run(store, plan.run_id)
+    if not root_existed:  # the run created the output root: leave none behind (the lease is released by now)
+        store.fs.rm(store.root, recursive=True)
+    raise ConfigError([failure])
 
 
-def _finish(config: JobConfig, store: OutputStore, plan: RunPlan, written: WriteStats, wall: float) -> RunSummary:
+def _first_errors(store: OutputStore, written: WriteStats) -> Iterator[str | None]:
+    """The ``error`` of the run's rows (None for an ok row), file by file, reading only as far as asked."""
+    import pyarrow.parquet as pq
+
+    for path in sorted(written.files):
+        with store.fs.open(path, "rb") as f:
+            yield from pq.read_table(f, columns=["error"])["error"].to_pylist()
+
+
+def _discard_run(store: OutputStore, run_id: str) -> None:
+    """Remove a run that stopped on a configuration failure: its files and its index record."""
+    if store.fs.exists(store.run_path(run_id)):
+        store.fs.rm(store.run_path(run_id), recursive=True)
+    others = [r for r in store.read_index(with_shards=False) if r.run_id != run_id]
+    if others:
+        store.write_index(others)
+    else:
+        store.fs.rm_file(store.path(INDEX_FILE))
+
+
+def _finish(config: JobConfig, store: OutputStore, plan: RunPlan, written: WriteStats, wall: float,
+            skipped: dict[str, int] | None = None) -> RunSummary:
     """Commit the run's manifest, summary and index record; the summary merges per-file statistics, no row read."""
     files = {**plan.committed, **written.files}
     discarded = store.finish_run(plan.run_id, files)
@@ -264,6 +311,7 @@ def _finish(config: JobConfig, store: OutputStore, plan: RunPlan, written: Write
         masks_decoded=bool(config.model.mask_decoder),
         shards=len(plan.record.shards),
         shards_read=len(plan.shards),
+        skipped_files=dict(skipped or {}),
         attempts=plan.record.attempts,
         **counts,
         rows_this_invocation=written.rows,

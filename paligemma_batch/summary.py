@@ -20,6 +20,7 @@ class RunSummary:
     masks_decoded: bool = False
     shards: int = 0  # shards of the run
     shards_read: int = 0  # shards this invocation read
+    skipped_files: dict[str, int] = field(default_factory=dict)  # files the listing left out, by extension
     attempts: int = 1
     inputs_seen: int = 0  # distinct image ids with a committed row
     rows_written: int = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from paligemma_batch.config import InputConfig, StorageOptions
-from paligemma_batch.readers.base import KEY_SEPARATOR, Reader, SourceImage, SourceRow, image_id
+from paligemma_batch.readers.base import KEY_SEPARATOR, Reader, ShardList, SourceImage, SourceRow, expand_braces, image_id
 from paligemma_batch.readers.folder import ImageFolderReader
 from paligemma_batch.readers.parquet import ParquetReader
 from paligemma_batch.readers.webdataset import WebDatasetReader
@@ -24,8 +24,8 @@ def reader_for(cfg: InputConfig) -> Reader:
     return READERS[cfg.format](cfg)
 
 
-def list_shards(cfg: InputConfig) -> list[str]:
-    """Every shard ``cfg`` names, sorted, as full URIs (see :meth:`Reader.list_shards`)."""
+def list_shards(cfg: InputConfig) -> ShardList:
+    """Every shard ``cfg`` names, sorted, as full URIs, with what was missing or skipped (see :meth:`Reader.list_shards`)."""
     return reader_for(cfg).list_shards()
 
 
@@ -43,5 +43,5 @@ def reader_for_shard(shard_uri: str, storage: StorageOptions) -> Reader:
     return reader
 
 
-__all__ = ["KEY_SEPARATOR", "READERS", "Reader", "SourceImage", "SourceRow", "image_id", "iter_rows", "list_shards", "reader_for",
-           "reader_for_shard"]
+__all__ = ["KEY_SEPARATOR", "READERS", "Reader", "ShardList", "SourceImage", "SourceRow", "expand_braces", "image_id",
+           "iter_rows", "list_shards", "reader_for", "reader_for_shard"]

@@ -8,6 +8,7 @@ source is found again by id. Nothing here knows about models or Ray.
 from __future__ import annotations
 
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,10 +17,10 @@ from typing import ClassVar
 import fsspec
 
 from paligemma_batch.config import InputConfig
+from paligemma_batch.images import image_extensions
 from paligemma_batch.storage import filesystem, full_uri, is_local
 
 KEY_SEPARATOR = "::"
-DEFAULT_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 @dataclass
@@ -70,9 +71,88 @@ def _shard_error(uri: str, err: Exception, rows_read: int) -> SourceRow:
 
 
 def image_exts(cfg: InputConfig) -> tuple[str, ...]:
-    """The image extensions of files and tar members: the defaults plus ``input.image_exts``."""
+    """The image extensions of files and tar members: every one Pillow registers for a format
+    :mod:`paligemma_batch.images` decodes, plus ``input.image_exts``."""
     extra = (e.strip().lower().lstrip(".") for e in cfg.image_exts)
-    return tuple(dict.fromkeys([*DEFAULT_IMAGE_EXTS, *(e for e in extra if e)]))
+    return tuple(dict.fromkeys([*image_extensions(), *(e for e in extra if e)]))
+
+
+class ShardList(list):
+    """The shards a listing found (a sorted list of URIs), with what it left out."""
+
+    def __init__(self, shards: Iterable[str] = ()):
+        super().__init__(shards)
+        self.missing: list[str] = []  # plain URIs named in the config that do not exist
+        self.skipped: dict[str, int] = {}  # files of folders and globs left out, by extension
+        self.skipped_paths: list[str] = []
+
+
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
+
+
+def _closing(text: str, start: int) -> int | None:
+    """The index of the ``}`` that closes the ``{`` at ``start``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return None
+
+
+def _alternatives(body: str) -> list[str] | None:
+    """The choices of one brace group: a numeric range (zero padding kept) or a comma list; None: literal."""
+    match = _RANGE.match(body)
+    if match:
+        first, last, step = int(match[1]), int(match[2]), abs(int(match[3] or 1)) or 1
+        padded = any(len(g.lstrip("-")) > 1 and g.lstrip("-").startswith("0") for g in match.groups()[:2])
+        width = max(len(match[1]), len(match[2])) if padded else 0
+        numbers = range(first, last + 1, step) if first <= last else range(first, last - 1, -step)
+        return [str(n).zfill(width) for n in numbers]
+    parts, depth, begin = [], 0, 0
+    for i, c in enumerate(body):
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            parts.append(body[begin:i])
+            begin = i + 1
+    return [*parts, body[begin:]] if parts else None
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's brace notation: ``shard-{000000..000099}.tar``, ``{train,val}/*.tar``, nested or repeated.
+
+    Numeric ranges keep their zero padding (and take an optional step, ``{0..10..2}``); a group without a range
+    or a comma (``{x}``) stays as written.
+    """
+    start = pattern.find("{")
+    while start != -1:
+        end = _closing(pattern, start)
+        if end is None:
+            break
+        options = _alternatives(pattern[start + 1:end])
+        if options is not None:
+            head, tail = pattern[:start], pattern[end + 1:]
+            return [uri for option in options for uri in expand_braces(head + option + tail)]
+        start = pattern.find("{", start + 1)
+    return [pattern]
+
+
+def _kinds(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, str | None]:
+    """``file``, ``directory`` or None (missing) for each path, listing each parent folder once."""
+    by_parent: dict[str, dict[str, str]] = {}
+    kinds: dict[str, str | None] = {}
+    for path in dict.fromkeys(paths):
+        parent = posixpath.dirname(path)
+        if parent in ("", path):
+            kinds[path] = "directory" if fs.isdir(path) else ("file" if fs.exists(path) else None)
+            continue
+        if parent not in by_parent:
+            try:
+                by_parent[parent] = {e["name"].rstrip("/"): e["type"] for e in fs.ls(parent, detail=True)}
+            except (FileNotFoundError, NotADirectoryError):
+                by_parent[parent] = {}
+        kinds[path] = by_parent[parent].get(path)
+    return kinds
 
 
 class Reader:
@@ -97,30 +177,54 @@ class Reader:
         """Whether ``uri`` has one of this format's shard extensions."""
         return uri.lower().endswith(tuple("." + e for e in self.shard_exts()))
 
-    def list_shards(self) -> list[str]:
-        """Every shard the input names, sorted, as full URIs.
+    def list_shards(self) -> ShardList:
+        """Every shard the input names, sorted, as full URIs, with what the listing left out.
 
-        Globs expand to what exists now; a plain URI of a file is kept even when missing, so that it becomes an
-        error row rather than silently vanishing. A folder lists its files recursively.
+        Brace ranges and lists (``{000..099}``, ``{a,b}``) expand first; globs (``**`` too) expand to what exists
+        now; a folder lists its files recursively. A plain URI of a file is kept even when missing, so that it
+        becomes an error row rather than silently vanishing (``missing`` names it). Files of a folder or glob
+        without one of this format's extensions are counted by extension in ``skipped``.
         """
         cfg = self.cfg
         uris = [cfg.uri] if isinstance(cfg.uri, str) else list(cfg.uri)
         found: set[str] = set()
-        for uri in uris:
-            fs, path = filesystem(uri, cfg.storage_options)
+        listing = ShardList()
+        for pattern in uris:
+            fs, _ = filesystem(pattern, cfg.storage_options)
             fs.invalidate_cache()  # "what exists now": a long-lived process must see shards added since its last listing
-            path = path.rstrip("/") if is_local(fs) or "://" in uri else path
-            if any(c in path for c in "*?["):
-                candidates = fs.glob(path)
-            elif fs.isdir(path):
-                candidates = [p for p in fs.find(path) if not posixpath.basename(p).startswith((".", "_"))]
-            else:
-                found.add(full_uri(fs, path))
+            plain: list[str] = []
+            for uri in expand_braces(pattern):
+                path = fs._strip_protocol(uri)
+                path = path.rstrip("/") if is_local(fs) or "://" in uri else path
+                if any(c in path for c in "*?["):
+                    self._take(fs, fs.glob(path, detail=True), found, listing)
+                else:
+                    plain.append(path)
+            for path, kind in _kinds(fs, plain).items():
+                if kind == "directory":
+                    files = {p: info for p, info in fs.find(path, detail=True).items()
+                             if not posixpath.basename(p).startswith((".", "_"))}
+                    self._take(fs, files, found, listing)
+                else:
+                    found.add(full_uri(fs, path))
+                    if kind is None:
+                        listing.missing.append(full_uri(fs, path))
+        listing.extend(sorted(found))
+        return listing
+
+    def _take(self, fs: fsspec.AbstractFileSystem, entries: dict[str, dict], found: set[str],
+              listing: ShardList) -> None:
+        """Add the shards among a folder's or glob's files (path -> fsspec info); count the others by extension."""
+        for p, info in entries.items():
+            if info.get("type") == "directory":
                 continue
-            for p in candidates:
-                if self.claims(p) and not fs.isdir(p):
-                    found.add(full_uri(fs, p))
-        return sorted(found)
+            if self.claims(p):
+                found.add(full_uri(fs, p))
+            else:
+                base = posixpath.basename(p)
+                ext = base.rpartition(".")[2].lower() if "." in base else "(none)"
+                listing.skipped[ext] = listing.skipped.get(ext, 0) + 1
+                listing.skipped_paths.append(full_uri(fs, p))
 
     def group(self, uris: list[str]) -> dict[str, list[str]]:
         """Shards made of several listed files (group id -> files, in order); {}: each listed URI is a shard."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import posixpath
 import tarfile
 from collections.abc import Iterator
+from typing import IO
 
 from paligemma_batch.readers.base import Reader, ShardKeys, SourceRow, image_exts
 
@@ -62,18 +65,41 @@ def _sample_row(image_id: str, uri: str, members: dict[str, bytes | None], exts:
     return SourceRow(image_id, uri, members[image_ext], fields)
 
 
+# Plain and compressed tars; tarfile's stream mode reads gzip (and bz2, xz) itself, zstd goes through zstandard.
+SHARD_EXTS = ("tar", "tar.gz", "tgz", "tar.zst")
+
+
+def zstd_missing() -> bool:
+    """Whether ``.tar.zst`` shards cannot be read here (the zstandard package is not installed)."""
+    return importlib.util.find_spec("zstandard") is None
+
+
+@contextlib.contextmanager
+def _decompressed(f: IO[bytes], path: str) -> Iterator[IO[bytes]]:
+    """``f`` as a tar stream: zstd-decompressed for ``.tar.zst``, else as it is (tarfile detects gzip itself)."""
+    if not path.lower().endswith(".zst"):
+        yield f
+        return
+    if zstd_missing():
+        raise ImportError("pip install zstandard to read .tar.zst shards")
+    import zstandard
+
+    with zstandard.ZstdDecompressor().stream_reader(f) as stream:
+        yield stream
+
+
 class WebDatasetReader(Reader):
     format = "webdataset"
 
     def shard_exts(self) -> tuple[str, ...]:
-        return ("tar",)
+        return SHARD_EXTS
 
     def shard_rows(self, fs, path: str, uri: str, wanted: list[str]) -> Iterator[SourceRow]:
         """Samples in tar order, reading one member at a time (stream mode: no seeking, no index, no extraction)."""
         exts = image_exts(self.cfg)
         keys = ShardKeys(uri)
         key, members = None, {}
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with fs.open(path, "rb") as raw, _decompressed(raw, path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for info in tar:
                 tar.members = []  # stream mode keeps every header it read; drop them so memory stays flat
                 if info.isdir():
