@@ -19,7 +19,7 @@ import fsspec
 
 from paligemma_batch.config import JobConfig, StorageOptions
 from paligemma_batch.readers import ShardList
-from paligemma_batch.storage import filesystem, is_local
+from paligemma_batch.storage import filesystem
 
 # Samples of the first shards (at most FIELD_PROBE_SHARDS) in which a per-image field must appear at least once.
 FIELD_PROBE_SAMPLES = 16
