@@ -19,10 +19,11 @@ import fsspec
 
 from paligemma_batch.config import JobConfig, StorageOptions
 from paligemma_batch.readers import ShardList
-from paligemma_batch.storage import filesystem, is_local
+from paligemma_batch.storage import filesystem
 
-# Samples of the first shard in which a per-image field must appear at least once.
+# Samples of the first shards (at most FIELD_PROBE_SHARDS) in which a per-image field must appear at least once.
 FIELD_PROBE_SAMPLES = 16
+FIELD_PROBE_SHARDS = 4
 # A run whose first rows (this many, or all of them when fewer) fail alike for a configuration reason stops.
 CONFIG_FAILURE_ROWS = 32
 # Per-request limits of the reachability probe: one quick try, not the job's retry budget.
@@ -140,18 +141,29 @@ def _tar_fields(f, wanted: list[str], samples: int) -> tuple[set[str], int]:
     return found, len(keys)
 
 
-def tar_field_problems(config: JobConfig, shard: str) -> list[str]:
-    """Per-image fields found in none of the first shard's first samples."""
+def tar_field_problems(config: JobConfig, shards: list[str]) -> list[str]:
+    """Per-image fields found in none of the first ``FIELD_PROBE_SAMPLES`` samples (from the first shards, a
+    few at most, until that many samples were seen)."""
     fields = field_names(config)
     if not fields:
         return []
     from paligemma_batch.readers.webdataset import _decompressed
 
-    fs, path = filesystem(shard, config.input.storage_options)
-    with fs.open(path, "rb") as raw, _decompressed(raw, path) as f:
-        found, samples = _tar_fields(f, [c for _, c in fields], FIELD_PROBE_SAMPLES)
-    return [f"{key}: '{col}' is in none of the first {samples} samples of {shard}"
-            for key, col in fields if col not in found and samples]
+    found: set[str] = set()
+    seen = 0
+    for shard in shards[:FIELD_PROBE_SHARDS]:
+        if seen >= FIELD_PROBE_SAMPLES:
+            break
+        fs, path = filesystem(shard, config.input.storage_options)
+        try:
+            with fs.open(path, "rb") as raw, _decompressed(raw, path) as f:
+                fields_here, samples = _tar_fields(f, [c for _, c in fields], FIELD_PROBE_SAMPLES - seen)
+        except Exception:  # a shard gone or broken since the listing is an error row; the config may be fine
+            continue
+        found |= fields_here
+        seen += samples
+    where = f"the first {seen} samples of {shards[0]}" + (" and the next shards" if len(shards) > 1 else "")
+    return [f"{key}: '{col}' is in none of {where}" for key, col in fields if col not in found and seen]
 
 
 def input_problems(config: JobConfig, shards: ShardList) -> list[str]:
@@ -159,12 +171,14 @@ def input_problems(config: JobConfig, shards: ShardList) -> list[str]:
     problems = listing_problems(config, shards)
     if problems:
         return problems
-    first = next(s for s in shards if s not in set(shards.missing))
+    missing = set(shards.missing)
+    present = [s for s in shards if s not in missing]
+    first = present[0]
     try:
         if config.input.format == "parquet":
             return parquet_problems(config, first)
         if config.input.format == "webdataset":
-            return tar_field_problems(config, first)
+            return tar_field_problems(config, present)
     except Exception:  # a first shard gone or broken since the listing is an error row; the config may be fine
         return []
     return []
