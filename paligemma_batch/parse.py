@@ -24,10 +24,10 @@ SEG_CODES = 128
 SEG_TOKENS = 16
 """Number of seg tokens per object (a 4x4 grid of codes)."""
 
-_LOC_RUN = re.compile(r"<loc\d+>(?:\s*<loc\d+>)*")
-_SEG_RUN = re.compile(r"\s*<seg\d+>(?:\s*<seg\d+>)*")
-_SEG_TOKEN = re.compile(r"<seg\d+>")
-_NUMBER = re.compile(r"\d+")
+_LOC_RUN = re.compile(r"<loc[0-9]+>(?:\s*<loc[0-9]+>)*")
+_SEG_RUN = re.compile(r"\s*<seg[0-9]+>(?:\s*<seg[0-9]+>)*")
+_SEG_TOKEN = re.compile(r"<seg[0-9]+>")
+_NUMBER = re.compile(r"[0-9]+")
 _DIGITS = {"loc": 4, "seg": 3}
 
 

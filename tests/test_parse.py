@@ -167,3 +167,8 @@ def test_no_input_of_any_length_raises():
             assert result.invalid == len(result.reasons)
     huge = loc(1, 2, 3, 4) + seg(*SEG16) + " x ; " * 200_000
     assert len(parse_objects(huge, segment=True).objects) == 1
+
+
+def test_non_ascii_digits_are_not_token_digits():
+    result = parse_objects("<loc٠٠٠١><loc٠٠٠٢><loc٠٠٠٣><loc٠٠٠٤> cat")  # Arabic-Indic digits: plain text
+    assert result.objects == [] and result.invalid == 0
