@@ -96,7 +96,6 @@ def demo(
         summary = run_job(job)
     except ConfigError as err:
         _fail(err.problems)
-    typer.echo(json.dumps({k: summary[k] for k in ("inputs_seen", "rows_written", "rows_by_task", "errors_by_kind")}))
     print_report(summary)
 
 
