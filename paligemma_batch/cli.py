@@ -15,6 +15,9 @@ from paligemma_batch.config import ConfigError, JobConfig, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Annotate image corpora with PaliGemma on Ray.")
 
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", help="Show Ray's and transformers' log lines here, not in the run's log file.")
+]
 SetOption = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a config key: --set output.uri=s3://b/out, "
                                       "--set tasks.0.lang=de (a number addresses a list item)")
@@ -81,13 +84,13 @@ def _by_ext(counts: dict[str, int]) -> str:
 
 
 @app.command()
-def run(config: Path, set_: SetOption = None) -> None:
+def run(config: Path, set_: SetOption = None, verbose: VerboseOption = False) -> None:
     """Run an annotation job (resumes this config's unfinished run if there is one)."""
     from paligemma_batch.lease import LeaseHeld
     from paligemma_batch.pipeline import RunFailed
     from paligemma_batch.pipeline import run as run_job
 
-    job = _load(config, set_)
+    job = _load(config, [*(set_ or []), *(["ray.verbose=true"] if verbose else [])])
     try:
         summary = run_job(job)
     except ConfigError as err:
@@ -107,18 +110,18 @@ def run(config: Path, set_: SetOption = None) -> None:
 def demo(
     config: Path = typer.Option(Path("configs/demo.yaml"), help="The demo job config."),
     workdir: Path = typer.Option(Path("out/demo"), help="Where the demo shards and output go."),
+    verbose: VerboseOption = False,
 ) -> None:
     """Write synthetic shards, run the demo job with the shipped shapes fixture on a local Ray, print where the Parquet is."""
     from paligemma_batch.fixtures.demo import prepare_demo
     from paligemma_batch.pipeline import run as run_job
 
-    job = _load(config, None)  # a broken config stops before the old demo output is cleared
+    job = _load(config, ["ray.verbose=true"] if verbose else None)  # stops before the old output is cleared
     prepare_demo(workdir)
     try:
         summary = run_job(job)
     except ConfigError as err:
         _fail(err.problems)
-    typer.echo(json.dumps({k: summary[k] for k in ("inputs_seen", "rows_written", "rows_by_task", "errors_by_kind")}))
     print_report(summary)
 
 

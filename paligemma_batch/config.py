@@ -236,7 +236,11 @@ class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray cluster address ('auto', ray://...); none starts a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all); ignored with address.")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the local Ray (default: detected).")
-    progress_bars: bool = Field(True, description="Show Ray Data progress bars.")
+    progress_bars: bool = Field(False, description="Show Ray Data's own progress bars (the tool shows its own).")
+    progress_interval_s: float = Field(10.0, gt=0, description="Seconds between plain progress lines when "
+                                       "output is not a terminal.")
+    verbose: bool = Field(False, description="Ray's and transformers' log lines on the terminal, not in the run's "
+                          "log file (_logs/driver.log).")
 
 
 class JobConfig(_Strict):

@@ -82,7 +82,7 @@ def _check_output(config: JobConfig) -> list[str]:
         except Exception as err:
             return [f"output.uri: {config.output.uri} is not writable ({type(err).__name__}: {err})"]
     fingerprint = config.fingerprint()
-    for record in store.read_index():
+    for record in store.read_index(with_shards=False):
         if record.status == "finished" and config.output.mode == "new":
             return [f"output.uri: holds a finished run ({record.run_id}); use a new output.uri or "
                     "output.mode: incremental"]

@@ -12,6 +12,7 @@ import html
 import io
 import posixpath
 import random
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,11 @@ def _short(text: str, width: int = ERROR_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def inspect_command(run_uri: str) -> str:
+    """The ``inspect`` command for a run's output root, quoted so that it can be pasted into a shell."""
+    return f"paligemma-batch inspect {shlex.quote(_root_of(run_uri))}"
+
+
 def run_report_text(summary: RunSummary) -> str:
     """The end-of-run report as plain text: rows by task and status, top errors, throughput, locations."""
     out = summary.output.rstrip("/")
@@ -71,7 +77,7 @@ def run_report_text(summary: RunSummary) -> str:
                  f"{summary.output_tokens_per_second} output tokens/s")
     lines.append(f"output:  {out}/")
     lines.append(f"summary: {out}/_SUMMARY.json")
-    lines.append(f"inspect: paligemma-batch inspect {_root_of(out)}")
+    lines.append(f"inspect: {inspect_command(out)}")
     return "\n".join(lines)
 
 
@@ -84,8 +90,8 @@ def print_run_report(summary: RunSummary, file: TextIO | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"run {summary.run_id} · {summary.inputs_seen} images · "
-                        f"{summary.wall_time_s} s", title_justify="left")
+    # The run id is long: it goes on its own line, so the title fits in 80 columns.
+    table = Table(title=f"{summary.inputs_seen} images · {summary.wall_time_s} s", title_justify="left")
     table.add_column("task")
     for name in ("ok", "error", "total"):
         table.add_column(name, justify="right")
@@ -94,14 +100,15 @@ def print_run_report(summary: RunSummary, file: TextIO | None = None) -> None:
     table.add_row("all", str(summary.rows_ok), str(summary.rows_error),
                   str(summary.rows_written), style="bold")
     console = Console(file=file)
+    console.print(f"[bold]run {summary.run_id}[/bold] {summary.status}", highlight=False)
     console.print(table)
     for r in summary.top_error_reasons[:TOP_ERRORS]:
         console.print(f"  [red]{r['rows']:>6}[/red]  {_short(r['error'])}", highlight=False, markup=True)
     out = summary.output.rstrip("/")
     console.print(f"[bold]{summary.images_per_second}[/bold] images/s · "
                   f"[bold]{summary.output_tokens_per_second}[/bold] output tokens/s")
-    console.print(f"output:  {out}/\nsummary: {out}/_SUMMARY.json\ninspect: paligemma-batch inspect "
-                  f"{_root_of(out)}", highlight=False)
+    console.print(f"output:  {out}/\nsummary: {out}/_SUMMARY.json\ninspect: {inspect_command(out)}",
+                  highlight=False, markup=False)
 
 
 # --- selecting rows -------------------------------------------------------------------------------------

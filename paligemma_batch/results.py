@@ -30,7 +30,7 @@ def _storage(options: StorageOptions | Mapping[str, Any] | None) -> StorageOptio
 
 def result_runs(store: OutputStore, run_id: str | None = None) -> list[str]:
     """The runs to read: ``run_id`` if given, else every finished run (incremental runs add up to the corpus)."""
-    index = store.read_index()
+    index = store.read_index(with_shards=False)
     if not index:
         raise FileNotFoundError(f"no paligemma-batch output at {store.uri} (no _RUNS.json)")
     if run_id is not None:

@@ -8,20 +8,28 @@ it sees the context as it was.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import tempfile
+import threading
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from paligemma_batch.config import JobConfig
+from paligemma_batch.distributed.progress import CountingInference, ProgressCounter, poll
 from paligemma_batch.distributed.sink import RunSink
 from paligemma_batch.distributed.stages import InferenceStage, PreprocessPlan, preprocess, read_shards, wanted_fields
 from paligemma_batch.engines import input_spec
 from paligemma_batch.pipeline import RunFailed, RunPlan, ray_address
+from paligemma_batch.progress import Progress, ProgressDisplay
 from paligemma_batch.prompts import PromptEncoder
 from paligemma_batch.readers import reader_for
 from paligemma_batch.schema import with_metadata
+from paligemma_batch.storage import is_local
 from paligemma_batch.store import OutputStore, ShardLog, WriteStats
 
 
@@ -60,7 +68,7 @@ def job_context(config: JobConfig) -> Iterator[DataContext]:
         DataContext._set_current(previous)
 
 
-def build(config: JobConfig, plan: RunPlan, encoder: PromptEncoder) -> ray.data.Dataset:
+def build(config: JobConfig, plan: RunPlan, encoder: PromptEncoder, progress_counter=None) -> ray.data.Dataset:
     """The Ray Dataset: shards → read → preprocess (CPU tasks) → PaliGemma (actor pool) → annotated rows."""
     pre, inf = config.preprocess, config.inference
     reader = reader_for(config.input)
@@ -94,29 +102,124 @@ def build(config: JobConfig, plan: RunPlan, encoder: PromptEncoder) -> ray.data.
         fn_kwargs={"plan": PreprocessPlan.create(config, encoder, plan.done_keys)},
     )
     return ds.map_batches(
-        InferenceStage,
+        InferenceStage if progress_counter is None else CountingInference,
         batch_size=inf.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=inf.min_actors, max_size=inf.max_actors),
         num_gpus=inf.num_gpus,
         num_cpus=inf.num_cpus,
-        fn_constructor_kwargs={"config": config, "run_id": plan.run_id, "input_size": encoder.size},
+        fn_constructor_kwargs={"config": config, "run_id": plan.run_id, "input_size": encoder.size,
+                               **({} if progress_counter is None else {"progress_counter": progress_counter})},
     )
+
+
+def log_path(store: OutputStore, run_id: str) -> str:
+    """Where the driver's log lines go: the run's ``_logs/driver.log`` for a local root, else a local temp file."""
+    if is_local(store.fs):
+        path = Path(store.run_path(run_id, "_logs/driver.log"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return str(path)
+    return tempfile.mkstemp(prefix=f"paligemma-batch-{run_id}-", suffix=".log")[1]
+
+
+@contextlib.contextmanager
+def routed_logs(path: str | None) -> Iterator[TextIO]:
+    """Send everything written to this process's stderr (Ray's C++ and Python loggers, transformers, workers'
+    forwarded lines) to ``path`` for the duration; yields a stream to the real stderr for the tool's own lines."""
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    if path is None:
+        try:
+            yield terminal
+        finally:
+            terminal.close()
+        return
+    sys.stdout.flush()
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}  # Ray prints workers' lines to stdout and stderr
+    for fd in saved:
+        os.dup2(log, fd)
+    try:
+        yield terminal
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(log)
+        terminal.close()
+
+
+# Log lines a user can act on, and what the tool says about them in plain words.
+NOTICES = {
+    "Token authentication is enabled": "Ray token authentication is on: every `ray` command and driver of a "
+                                       "cluster needs RAY_AUTH_MODE=token and the same token.",
+}
+
+
+def log_notices(path: str) -> list[str]:
+    """The plain-words notices for the actionable warnings in the log file at ``path``."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return []
+    return [notice for marker, notice in NOTICES.items() if marker in text]
 
 
 def execute(config: JobConfig, store: OutputStore, plan: RunPlan) -> WriteStats:
     """Stream the plan's shards through the Dataset into part files; the files this attempt committed.
 
     Starts a local Ray (or joins the configured cluster) when none is connected, and shuts down what it started.
+    While the job runs, a progress display of the tool's own goes to stderr; Ray's log lines go to the run's
+    log file (named first) unless ``ray.verbose``.
     """
+    path = None if config.ray.verbose else log_path(store, plan.run_id)
+    if path:
+        print(f"run {plan.run_id}: {len(plan.shards)} shards; Ray and model logs: {path}", file=sys.stderr, flush=True)
+    try:
+        with routed_logs(path) as terminal:
+            return _execute(config, store, plan, terminal)
+    finally:
+        for notice in log_notices(path) if path else []:
+            print(f"note: {notice}", file=sys.stderr, flush=True)
+
+
+def _execute(config: JobConfig, store: OutputStore, plan: RunPlan, terminal: TextIO) -> WriteStats:
     encoder = input_spec(config.model, config.model_storage)
     schema = with_metadata({"run_id": plan.run_id, "config_hash": config.fingerprint(),
                             "model_id": config.model.source, "precision": config.model.precision})
-    sink = RunSink(store, plan.run_id, plan.record.attempts, config.output.rows_per_file, schema)
     started = init_ray(config)
+    counter = ProgressCounter.remote()
+    sink = RunSink(store, plan.run_id, plan.record.attempts, config.output.rows_per_file, schema)
+    reader = reader_for(config.input)
+    # A reader that knows its row counts (an image folder) holds one image per file of a shard's group.
+    images = sum(len(plan.members.get(s, [s])) for s in plan.shards) if reader.rows_known else None
+    progress = Progress(len(plan.shards), len(config.tasks), images_total=images)
+    display = ProgressDisplay(terminal, config.ray.progress_interval_s)
+    failure: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            with job_context(config):
+                build(config, plan, encoder, counter).write_datasink(sink,
+                                                            ray_remote_args={"num_cpus": config.preprocess.num_cpus})
+        except BaseException as err:  # re-raised in the driver's thread below
+            failure.append(err)
+
     try:
-        with job_context(config):
-            build(config, plan, encoder).write_datasink(sink, ray_remote_args={"num_cpus": config.preprocess.num_cpus})
+        job = threading.Thread(target=write, name="paligemma-batch-write", daemon=True)
+        job.start()
+        while job.is_alive():
+            job.join(timeout=0.5)
+            with contextlib.suppress(Exception):  # a slow poll only delays the display
+                poll(counter, progress)
+            display.update(progress)
+        with contextlib.suppress(Exception):
+            poll(counter, progress)
+        display.close(progress)
+        if failure:
+            raise failure[0]
     except ray.exceptions.ActorDiedError as err:
         retries = config.inference.model_load_retries
         cause = next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), repr(err))
