@@ -100,8 +100,7 @@ def _check_model(config: JobConfig) -> list[str]:
     import importlib.util
 
     model, inf = config.model, config.inference
-    unreachable = checks.storage_problem("model.source", model.source, config.model_storage) if "://" in model.source else None
-    problems = [unreachable] if unreachable else source_problems(model, config.model_storage)
+    problems = source_problems(model, config.model_storage)  # one listing; an unreachable bucket is one line
     if not problems:
         problems += checks.model_file_problems(config)
     problems += checks.mask_decoder_problems(config)
