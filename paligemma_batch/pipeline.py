@@ -194,6 +194,8 @@ def _resume_plan(config: JobConfig, store: OutputStore, record: RunRecord) -> Ru
     reader = reader_for(config.input)
     sizes = dict.fromkeys(record.shards, 1) if reader.rows_known else store.shard_sizes(record.run_id)
     finished = progress.complete_shards(sizes, len(config.tasks))
+    if config.input.media == "video":  # a video's row count is known only after decoding: rows are skipped by key
+        finished = set()
     todo = [s for s in record.shards if s not in finished]
     todo_set = set(todo)
     done_keys = {key for key, shard in progress.keys.items() if shard in todo_set}

@@ -57,9 +57,9 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def row_key(image_id: str, task: str) -> str:
-    """The exactly-once key of an output row."""
-    return f"{image_id}\t{task}"
+def row_key(image_id: str, task: str, frame_index: int | None = None) -> str:
+    """The exactly-once key of an output row; a video's frame rows add their frame index (images: none)."""
+    return f"{image_id}\t{task}" if frame_index is None else f"{image_id}\t{task}\t{frame_index}"
 
 
 @dataclass
@@ -204,10 +204,14 @@ class OutputStore:
         for path in first + [p for p in listed if p not in first]:
             try:
                 with self.fs.open(path, "rb") as f:
-                    table = pq.read_table(f, columns=[*KEY_COLUMNS, "source_uri"])
+                    columns = pq.read_schema(f).names
+                    f.seek(0)
+                    table = pq.read_table(f, columns=[*KEY_COLUMNS, "source_uri",
+                                                      *(["frame_index"] if "frame_index" in columns else [])])
             except FileNotFoundError:
                 continue
-            keys = dict(zip(map(row_key, table["image_id"].to_pylist(), table["task"].to_pylist()),
+            frames = table["frame_index"].to_pylist() if "frame_index" in table.column_names else [None] * table.num_rows
+            keys = dict(zip(map(row_key, table["image_id"].to_pylist(), table["task"].to_pylist(), frames),
                             table["source_uri"].to_pylist()))
             if not keys.keys().isdisjoint(progress.keys):
                 progress.rejected.append(path)
