@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from paligemma_batch.config import JobConfig, StorageOptions
+from paligemma_batch.config import JobConfig, StorageOptions, VideoConfig
 
 README = Path(__file__).parents[1] / "README.md"
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
@@ -42,6 +42,8 @@ def reference() -> str:
         lines += _rows(_section_model(field.annotation), f"{section}[]." if section == "tasks" else f"{section}.")
     lines += ["", "`storage_options` (under `input`, `output` and `model`):", "",
               "| key | default | meaning |", "|---|---|---|", *_rows(StorageOptions, "")]
+    lines += ["", "`input.video` (frame sampling, with `input.media: video`):", "",
+              "| key | default | meaning |", "|---|---|---|", *_rows(VideoConfig, "input.video.")]
     return "\n".join(lines)
 
 

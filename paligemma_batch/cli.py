@@ -111,13 +111,18 @@ def demo(
     config: Path = typer.Option(Path("configs/demo.yaml"), help="The demo job config."),
     workdir: Path = typer.Option(Path("out/demo"), help="Where the demo shards and output go."),
     verbose: VerboseOption = False,
+    video: bool = typer.Option(False, "--video", help="The video demo: synthetic clips, configs/demo-video.yaml "
+                               "(per-frame detect and caption), in out/demo-video."),
 ) -> None:
     """Write synthetic shards, run the demo job with the shipped shapes fixture on a local Ray, print where the Parquet is."""
-    from paligemma_batch.fixtures.demo import prepare_demo
+    from paligemma_batch.fixtures.demo import prepare_demo, prepare_video_demo
     from paligemma_batch.pipeline import run as run_job
 
+    if video:
+        config = Path("configs/demo-video.yaml") if config == Path("configs/demo.yaml") else config
+        workdir = Path("out/demo-video") if workdir == Path("out/demo") else workdir
     job = _load(config, ["ray.verbose=true"] if verbose else None)  # stops before the old output is cleared
-    prepare_demo(workdir)
+    (prepare_video_demo if video else prepare_demo)(workdir)
     try:
         summary = run_job(job)
     except ConfigError as err:

@@ -74,6 +74,30 @@ class StorageOptions(_Strict):
         return opts
 
 
+class VideoConfig(_Strict):
+    """How frames are sampled from each video (input.media: video)."""
+
+    frames: int = Field(8, ge=1, description="Frames spread uniformly over the window (centres of equal segments); "
+                        "a shorter video repeats its last frame. Used when fps is not set.")
+    fps: float | None = Field(None, gt=0, description="Sample every 1/fps seconds from start_s instead, at most "
+                              "max_frames.")
+    max_frames: int = Field(16, ge=1, description="With fps: the most frames taken from one video.")
+    start_s: float = Field(0.0, ge=0, description="Start of the sampling window, seconds from the first frame.")
+    end_s: float | None = Field(None, gt=0, description="End of the sampling window; default: the end of the video.")
+
+    @model_validator(mode="after")
+    def _window(self) -> VideoConfig:
+        if self.end_s is not None and self.end_s <= self.start_s:
+            raise ValueError("end_s must be greater than start_s")
+        return self
+
+    def sampling(self):
+        """The :class:`paligemma_batch.video.VideoSampling` of this section."""
+        from paligemma_batch.video import VideoSampling
+
+        return VideoSampling(self.frames, self.fps, self.max_frames, self.start_s, self.end_s)
+
+
 class InputConfig(_Strict):
     """Where the images are and how they are stored."""
 
@@ -98,7 +122,22 @@ class InputConfig(_Strict):
         1000, ge=1, description="images: files per shard. The sorted listing is cut into groups of this many "
         "files, the unit of reading, resume and incremental runs; files added later form new groups.",
     )
+    media: Literal["image", "video"] = Field(
+        "image",
+        description="image, or video: files and tar members with video extensions (mp4 webm mkv mov avi m4v) and "
+        "animated GIF/WebP are decoded as clips (needs the video extra: PyAV).",
+    )
+    video: VideoConfig = Field(default_factory=VideoConfig, description="Frame sampling, for media: video.")
     storage_options: StorageOptions = Field(default_factory=StorageOptions, description="Storage credentials.")
+
+    @model_validator(mode="after")
+    def _video_decoder(self) -> InputConfig:
+        if self.media == "video":
+            import importlib.util
+
+            if importlib.util.find_spec("av") is None:
+                raise ValueError("media: video needs PyAV: install paligemma-batch[video]")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -130,10 +169,17 @@ class TaskConfig(_Strict):
     )
     answer: str | None = Field(None, description="For 'question': the answer to generate a question for.")
     objects: list[str] = Field(default_factory=list, description="For 'detect' and 'segment': object names.")
+    per: Literal["frame", "clip"] = Field(
+        "frame",
+        description="Videos only: frame annotates each sampled frame like an image (one row per frame); clip puts "
+        "all sampled frames before one prompt (one row per video). detect and segment are frame-only.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
         problems = task_issues(self)
+        if self.per == "clip" and self.task in ("detect", "segment"):
+            problems.append(f"per: clip is not supported for {self.task} (boxes and masks are per frame)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -281,6 +327,11 @@ class JobConfig(_Strict):
         )
         payload["model"].pop("storage_options", None)
         payload["model"].pop("cache_dir", None)
+        if self.input.media == "video":  # image jobs keep the fingerprints they had before videos
+            payload["input"].update(self.input.model_dump(mode="json", include={"media", "video"}))
+        else:
+            for task in payload["tasks"]:
+                task.pop("per")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -60,6 +60,14 @@ def _box_polygon(x0: float, y0: float, x1: float, y1: float) -> list[list[float]
     return [[x0, y0, x1, y0, x1, y1, x0, y1]]
 
 
+FRAME_COLUMNS = ("frame_index", "timestamp_s")
+
+
+def coco_file_name(image_id: str, frame_index: int | None) -> str:
+    """An image's id, or for a video's frame the video's id and the frame: ``IMAGE_ID#frame=N``."""
+    return image_id if frame_index is None else f"{image_id}#frame={frame_index}"
+
+
 def to_coco(
     table: pa.Table,
     tasks: Sequence[str] | None = None,
@@ -71,7 +79,8 @@ def to_coco(
     - images: every image with an ``ok`` row of the exported ``tasks`` (default :func:`object_tasks`), ids
       1..N in ``image_id`` order, ``file_name`` = ``file_names[image_id]`` (the file written by
       :func:`write_source_images`), else the ``image_id``; the ``image_id`` also in ``paligemma_image_id``;
-      original ``width``/``height``;
+      original ``width``/``height``; a video gives one image per annotated frame, ``file_name`` =
+      ``IMAGE_ID#frame=N`` (see :func:`coco_file_name`), with its ``frame_index`` and ``timestamp_s``;
     - categories: ``categories`` in the order given (ids 1..K; objects with other labels are left out and
       counted in ``info.objects_left_out``), or every label found, sorted;
     - annotations: ``bbox`` xywh, ``segmentation`` as RLE where a mask was decoded (else the box polygon),
@@ -79,20 +88,26 @@ def to_coco(
       plus the ``task`` it came from.
     """
     wanted = set(object_tasks(table) if tasks is None else tasks)
-    rows = [r for r in table.select(["image_id", "width", "height", "task", "status", "detections", "masks"])
-            .to_pylist() if r["task"] in wanted and r["status"] == "ok"]
-    rows.sort(key=lambda r: (r["image_id"], r["task"]))
+    columns = ["image_id", "width", "height", "task", "status", "detections", "masks",
+               *(c for c in FRAME_COLUMNS if c in table.column_names)]
+    rows = [{"frame_index": None, "timestamp_s": None, **r} for r in table.select(columns).to_pylist()
+            if r["task"] in wanted and r["status"] == "ok"]
+    rows.sort(key=lambda r: (r["image_id"], r["frame_index"] is not None, r["frame_index"] or 0, r["task"]))
     objects = [(r, o) for r in rows for o in row_objects(r)]
     names = list(categories) if categories is not None else sorted({o.label for _, o in objects})
     category_ids = {name: i for i, name in enumerate(names, start=1)}
     image_ids: dict[str, int] = {}
     images = []
     for r in rows:
-        if r["image_id"] not in image_ids:
-            image_ids[r["image_id"]] = len(image_ids) + 1
-            name = file_names.get(r["image_id"], r["image_id"]) if file_names else r["image_id"]
-            images.append({"id": image_ids[r["image_id"]], "file_name": name, "paligemma_image_id": r["image_id"],
-                           "width": r["width"], "height": r["height"]})
+        key = coco_file_name(r["image_id"], r["frame_index"])
+        if key not in image_ids:
+            image_ids[key] = len(image_ids) + 1
+            name = file_names.get(r["image_id"], key) if file_names and r["frame_index"] is None else key
+            image = {"id": image_ids[key], "file_name": name, "paligemma_image_id": r["image_id"],
+                     "width": r["width"], "height": r["height"]}
+            if r["frame_index"] is not None:
+                image.update(frame_index=r["frame_index"], timestamp_s=r["timestamp_s"])
+            images.append(image)
     annotations = []
     for r, o in objects:
         if o.label not in category_ids:
@@ -100,7 +115,7 @@ def to_coco(
         x0, y0, x1, y1 = (float(v) for v in o.box_xyxy)
         annotations.append({
             "id": len(annotations) + 1,
-            "image_id": image_ids[r["image_id"]],
+            "image_id": image_ids[coco_file_name(r["image_id"], r["frame_index"])],
             "category_id": category_ids[o.label],
             "bbox": [x0, y0, x1 - x0, y1 - y0],
             "segmentation": dict(o.rle) if o.rle is not None else _box_polygon(x0, y0, x1, y1),
@@ -212,7 +227,7 @@ def write_coco(
     """
     from paligemma_batch.results import read_results, write_beside
 
-    columns = ["image_id", "source_uri", "width", "height", "task", "status", "detections", "masks"]
+    columns = ["image_id", "source_uri", "width", "height", "task", "status", "detections", "masks", *FRAME_COLUMNS]
     table = read_results(uri, run_id, columns=columns, storage_options=storage_options)
     names, missing = None, []
     if images_dir is not None:

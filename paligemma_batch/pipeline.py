@@ -223,7 +223,9 @@ def _resume_plan(config: JobConfig, store: OutputStore, record: RunRecord) -> Ru
     """
     record.shards = record.shards or store.run_shards(record.run_id)
     tasks = [t.output_name for t in config.tasks]
-    marks = store.shard_marks(record.run_id)
+    # A video's rows per task are frames, not source rows: no video shard is proven by counts, so every
+    # shard's committed keys are read and its rows skipped by key.
+    marks = {} if config.input.media == "video" else store.shard_marks(record.run_id)
     progress = store.progress(record.run_id, marks, tasks)
     finished = progress.complete_shards({s: m.rows for s, m in marks.items()}, len(tasks))
     todo = [s for s in record.shards if s not in finished]

@@ -90,6 +90,13 @@ class PromptEncoder:
             _text_ids(self.digest, prompt + "\n"))
 
 
+    def clip_ids(self, prompt: str, num_frames: int) -> list[int]:
+        """One prompt over ``num_frames`` images: ``<image>`` × (frames × N), ``<bos>``, the prompt, ``"\n"``, as
+        PaliGemmaProcessor builds for several images per prompt."""
+        single = self.ids(prompt)
+        return [self.image_token_id] * (self.image_seq_length * (num_frames - 1)) + single
+
+
 @functools.lru_cache(maxsize=4096)
 def _text_ids(digest: str, text: str) -> tuple[int, ...]:
     """Fixed prompts repeat for every image; per-image questions mostly don't, hence a bounded cache."""

@@ -57,6 +57,9 @@ ANNOTATIONS = pa.schema(
         _counter("num_input_tokens"),
         _counter("num_output_tokens"),
         ("run_id", pa.string()),
+        ("frame_index", pa.int32()),  # videos: the frame's index in the video (per: frame rows); null for images and clip rows
+        ("timestamp_s", pa.float64()),  # videos: the frame's time, seconds from the first frame; null for images and clip rows
+        ("num_frames", pa.int32()),  # videos: frames sampled from the video; null for images
     ]
 )
 

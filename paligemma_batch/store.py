@@ -67,9 +67,9 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def row_key(image_id: str, task: str) -> str:
-    """The exactly-once key of an output row."""
-    return f"{image_id}\t{task}"
+def row_key(image_id: str, task: str, frame_index: int | None = None) -> str:
+    """The exactly-once key of an output row; a video's frame rows add their frame index (images: none)."""
+    return f"{image_id}\t{task}" if frame_index is None else f"{image_id}\t{task}\t{frame_index}"
 
 
 @dataclass
@@ -295,11 +295,15 @@ class OutputStore:
                             "num_input_tokens", "invalid_objects"]))
 
     def _keys(self, path: str, shards: set[str]) -> dict[str, str]:
-        """The row keys of ``path`` that belong to ``shards`` (key -> shard)."""
+        """The row keys of ``path`` that belong to ``shards`` (key -> shard); a video frame's key has its index."""
         with self.fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=[*KEY_COLUMNS, "source_uri"])
-        return {row_key(i, t): s for i, t, s in zip(table["image_id"].to_pylist(), table["task"].to_pylist(),
-                                                   table["source_uri"].to_pylist()) if s in shards}
+            names = pq.read_schema(f).names
+            f.seek(0)
+            table = pq.read_table(f, columns=[*KEY_COLUMNS, "source_uri", *(["frame_index"] if "frame_index" in names
+                                                                            else [])])
+        frames = table["frame_index"].to_pylist() if "frame_index" in names else [None] * table.num_rows
+        return {row_key(i, t, f): s for i, t, f, s in zip(table["image_id"].to_pylist(), table["task"].to_pylist(),
+                                                         frames, table["source_uri"].to_pylist()) if s in shards}
 
     def progress(self, run_id: str, marks: dict[str, ShardMark] | None = None,
                  tasks: list[str] | None = None) -> Progress:

@@ -15,11 +15,13 @@ import pyarrow as pa
 
 from paligemma_batch.config import InputConfig, JobConfig, TaskConfig
 from paligemma_batch.images import ImageDecodeError, decode_image
+from paligemma_batch.media import prepare_video
 from paligemma_batch.prompts import PromptEncoder
 from paligemma_batch.readers import SourceRow, reader_for
 from paligemma_batch.schema import ANNOTATIONS, default_row
 from paligemma_batch.stats import KEYSUM_MOD, key_hash
 from paligemma_batch.store import ShardLog, row_key
+from paligemma_batch.video import VideoSampling
 
 SOURCE_SCHEMA = pa.schema(
     [
@@ -43,6 +45,10 @@ PREPARED_SCHEMA = pa.schema(
         ("input_ids", pa.list_(pa.list_(pa.int32()))),
         ("task_errors", pa.list_(pa.string())),  # per task: why that task alone can't run (a missing field)
         ("error", pa.string()),  # why no task of the image can run (an unreadable image)
+        # videos (null for images): pixels then hold num_frames images for a clip row, one for a frame row
+        ("frame_index", pa.int32()),
+        ("timestamp_s", pa.float64()),
+        ("num_frames", pa.int32()),
     ]
 )
 
@@ -103,6 +109,7 @@ class PreprocessPlan:
     max_image_pixels: int
     jpeg_draft: bool
     done_keys: frozenset[str] = field(default_factory=frozenset)  # row keys (sink.row_key) already committed
+    video: VideoSampling | None = None  # input.media: video (rows are clips, see media.prepare_video)
 
     @classmethod
     def create(cls, config: JobConfig, encoder: PromptEncoder, done_keys: set[str] | None = None) -> PreprocessPlan:
@@ -112,6 +119,7 @@ class PreprocessPlan:
             max_image_pixels=config.preprocess.max_image_pixels,
             jpeg_draft=config.preprocess.jpeg_draft,
             done_keys=frozenset(done_keys or ()),
+            video=config.input.video.sampling() if config.input.media == "video" else None,
         )
 
 
@@ -120,6 +128,9 @@ def preprocess(batch: pa.Table, plan: PreprocessPlan) -> pa.Table:
     encoder = plan.encoder
     out = []
     for row in batch.to_pylist():
+        if plan.video is not None:
+            out.extend(prepare_video(row, plan))
+            continue
         todo = [t for t in plan.tasks if row_key(row["image_id"], t.output_name) not in plan.done_keys]
         if not todo:
             continue
@@ -185,9 +196,13 @@ class InferenceStage:
 
         rows = batch.to_pylist()
         ok = [r for r in rows if r["error"] is None]
-        pixels = [np.frombuffer(r["pixels"], np.uint8).reshape(*self.input_size, 3) for r in ok]
-        requests = [Request(i, ids) for i, r in enumerate(ok)
-                    for ids, task_error in zip(r["input_ids"], r["task_errors"]) if task_error is None]
+        pixels, requests = [], []
+        for r in ok:  # a video's clip row holds all its frames: its prompts span them (Request.image_indices)
+            first = len(pixels)
+            pixels.extend(np.frombuffer(r["pixels"], np.uint8).reshape(-1, *self.input_size, 3))
+            frames = tuple(range(first, len(pixels))) if len(pixels) - first > 1 else None
+            requests += [Request(first, ids, frames)
+                         for ids, task_error in zip(r["input_ids"], r["task_errors"]) if task_error is None]
         generated = iter(self.engine.generate(pixels, requests))
         out, items = [], []
         for row in rows:
@@ -223,4 +238,7 @@ class InferenceStage:
             "model_revision": model.revision,
             "precision": model.precision,
             "run_id": self.run_id,
+            "frame_index": row.get("frame_index"),
+            "timestamp_s": row.get("timestamp_s"),
+            "num_frames": row.get("num_frames"),
         }

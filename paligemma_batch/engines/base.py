@@ -12,8 +12,14 @@ from paligemma_batch.config import ModelConfig, StorageOptions
 
 @dataclass(frozen=True)
 class Request:
-    image_index: int  # which image of the batch the prompt is about
-    input_ids: list[int]  # the full prompt: <image>×N, <bos>, prompt tokens, "\n"
+    image_index: int  # which image of the batch the prompt is about (the first, with image_indices)
+    input_ids: list[int]  # the full prompt: <image>×N per image, <bos>, prompt tokens, "\n"
+    image_indices: tuple[int, ...] | None = None  # several images in one prompt (a clip's frames), in order
+
+    @property
+    def images(self) -> tuple[int, ...]:
+        """The batch images whose tokens the prompt holds, in prompt order."""
+        return self.image_indices or (self.image_index,)
 
 
 @dataclass(frozen=True)

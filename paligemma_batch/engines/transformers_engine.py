@@ -102,7 +102,8 @@ class TransformersEngine(Engine):
         """Greedy generation on precomputed :meth:`image_features`; ``features`` is left unchanged."""
         if not requests:
             return []
-        index = torch.tensor([r.image_index for r in requests], device=features.device)
+        # A prompt over several images (a clip) takes their features one after another, in its own order.
+        index = torch.tensor([i for r in requests for i in r.images], device=features.device)
         encoded = BaseModelOutputWithPooling(pooler_output=features.index_select(0, index))
         input_ids, attention = left_pad([r.input_ids for r in requests], self.pad_id)
         width = input_ids.shape[1]

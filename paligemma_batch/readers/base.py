@@ -71,8 +71,13 @@ def _shard_error(uri: str, err: Exception, rows_read: int) -> SourceRow:
 
 
 def image_exts(cfg: InputConfig) -> tuple[str, ...]:
-    """The image extensions of files and tar members: every one Pillow registers for a format
-    :mod:`paligemma_batch.images` decodes, plus ``input.image_exts``."""
+    """The media extensions of files and tar members: every one Pillow registers for a format
+    :mod:`paligemma_batch.images` decodes (or, for ``input.media: video``, the clip extensions), plus
+    ``input.image_exts``."""
+    if cfg.media == "video":
+        from paligemma_batch.video import CLIP_EXTS
+
+        return tuple(dict.fromkeys([*CLIP_EXTS, *(e.strip().lower().lstrip(".") for e in cfg.image_exts if e.strip())]))
     extra = (e.strip().lower().lstrip(".") for e in cfg.image_exts)
     return tuple(dict.fromkeys([*image_extensions(), *(e for e in extra if e)]))
 
