@@ -34,6 +34,21 @@ def tiny_model_v2_dir(tmp_path_factory) -> Path:
     return build_tiny_paligemma(tmp_path_factory.mktemp("tiny-paligemma2"), version=2)
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    """The tiny model (float32, eval) and its processor with left padding, torch at one thread meanwhile."""
+    import torch
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor.tokenizer.padding_side = "left"
+    model = PaliGemmaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from more, and spinning threads stall on a busy CPU
+    yield model, processor
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def vae_npz(tmp_path_factory) -> Path:
     """A random mask codec with vae-oid.npz's keys (narrow widths, so it decodes fast)."""

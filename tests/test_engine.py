@@ -17,19 +17,6 @@ PROMPTS = ["caption en", "detect circle ; square ; triangle", "answer en what co
            "ocr"]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    processor.tokenizer.padding_side = "left"
-    model = PaliGemmaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from more, and spinning threads stall on a busy CPU
-    yield model, processor
-    torch.set_num_threads(threads)
-
-
 def _png(seed: int, size: tuple[int, int]) -> bytes:
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)

@@ -3,7 +3,6 @@ tracking with the shipped shapes fixture, rotation and bad files through ``pipel
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -20,19 +19,6 @@ from paligemma_batch.store import OutputStore
 from paligemma_batch.video import VideoSampling, decode_clip
 
 VIDEO_INPUT = {"format": "images", "media": "video"}
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    processor.tokenizer.padding_side = "left"
-    model = PaliGemmaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield model, processor
-    torch.set_num_threads(threads)
 
 
 def _frames(encoder: PromptEncoder, count: int, seed: int = 0) -> np.ndarray:
