@@ -40,7 +40,7 @@ def _prompts(tasks: list[TaskConfig], fields: dict[str, str]) -> tuple[list[str]
 def _row(source: dict, tasks: list[TaskConfig], prompts: list[str], error: str | None, **extra) -> dict:
     return {"image_id": source["image_id"], "source_uri": source["source_uri"], "width": None, "height": None,
             "pixels": None, "tasks": [t.output_name for t in tasks], "prompts": prompts, "input_ids": [[] for _ in tasks],
-            "error": error, **extra}
+            "task_errors": [None for _ in tasks], "error": error, **extra}
 
 
 def prepare_video(source: dict, plan: VideoPlan) -> list[dict]:
