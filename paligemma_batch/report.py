@@ -273,8 +273,49 @@ def _sized_row(card: Card) -> dict[str, Any] | None:
     return next((r for r in card.rows if r["width"] is not None), None)
 
 
+def _is_video(card: Card) -> bool:
+    return any(r.get("num_frames") is not None for r in card.rows)
+
+
+def _video_strip(card: Card, colors: dict[str, str], sized: dict[str, Any]) -> str:
+    """A video's annotated frames side by side, each with its own frame rows' boxes and masks.
+
+    The frames are decoded again by uniform sampling over as many frames as the output annotated; a frame
+    whose index the output lacks (another sampling config) is shown without overlays.
+    """
+    from paligemma_batch.video import VideoDecodeError, VideoSampling, decode_clip
+
+    by_frame: dict[int, list[dict[str, Any]]] = {}
+    for row in card.rows:
+        if row.get("frame_index") is not None:
+            by_frame.setdefault(row["frame_index"], []).append(row)
+    width, height = sized["width"], sized["height"]
+    full = thumb_size(width, height)
+    size = (max(1, full[0] // 2), max(1, full[1] // 2))
+    count = len(by_frame) or sized["num_frames"] or 1
+    try:
+        clip = decode_clip(card.source.data, VideoSampling(frames=count), (size[1], size[0]))
+    except (VideoDecodeError, ImportError) as err:
+        return f'<div class="frame"><div class="missing">video unavailable: {html.escape(str(err))}</div></div>'
+    cells = []
+    for pixels, index, t in zip(clip.frames, clip.frame_indices, clip.timestamps_s):
+        objects = [o for row in by_frame.get(index, []) if row["status"] == "ok" for o in row_objects(row)]
+        parts = [f'<img class="thumb" width="{size[0]}" height="{size[1]}" alt="frame {index}" '
+                 f'src="{_data_uri(Image.fromarray(pixels), "JPEG")}">']
+        overlay = _mask_overlay(objects, colors, size)
+        if overlay is not None:
+            parts.append(f'<img class="masks" width="{size[0]}" height="{size[1]}" alt="" '
+                         f'src="{_data_uri(overlay, "PNG")}">')
+        if objects:
+            parts.append(_svg_boxes(objects, colors, (size[0] / width, size[1] / height), size))
+        cells.append(f'<div class="frame" title="frame {index} at {t:.2f} s">{"".join(parts)}</div>')
+    return f'<div class="strip" style="display:flex;flex-wrap:wrap;gap:2px">{"".join(cells)}</div>'
+
+
 def _frame(card: Card, colors: dict[str, str]) -> str:
     sized = _sized_row(card)
+    if card.source.data is not None and sized is not None and _is_video(card):
+        return _video_strip(card, colors, sized)
     if card.source.data is None or sized is None:
         reason = card.source.error or card.rows[0]["error"] or "no image"
         return f'<div class="frame"><div class="missing">image unavailable: {html.escape(reason)}</div></div>'
@@ -302,7 +343,8 @@ def _frame(card: Card, colors: dict[str, str]) -> str:
 
 
 def _row_html(row: dict[str, Any]) -> str:
-    task = f'<b title="{html.escape(row["prompt"] or "")}">{html.escape(row["task"])}</b>'
+    frame = f' <small>frame {row["frame_index"]}</small>' if row.get("frame_index") is not None else ""
+    task = f'<b title="{html.escape(row["prompt"] or "")}">{html.escape(row["task"])}</b>{frame}'
     if row["status"] != "ok":
         return f'<div class="row error">{task} {html.escape(row["error"] or "error")}</div>'
     if row["detections"] is not None:

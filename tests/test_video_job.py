@@ -137,6 +137,18 @@ def test_per_frame_detection_tracks_the_moving_shape(ray_local, tmp_path):
     assert np.mean(ious) >= 0.6
     assert stats["rotated.mp4"] >= 0.5
 
+    # Looking at results: a strip of the annotated frames per video, and one COCO image per annotated frame.
+    from paligemma_batch.export import to_coco
+    from paligemma_batch.report import build_report
+
+    page, result = build_report(config.output.uri, sample=3, input_config=config.input)
+    assert result.images == 3 and page.count('class="strip"') == 3
+    assert page.count('alt="frame ') == 24 + 24 + len(clips["rotated.mp4"].frames) and page.count("<rect") >= 40
+    coco = to_coco(OutputStore(config.output.uri, config.output_storage).read_run(summary["run_id"]))
+    names = {i["file_name"] for i in coco["images"]}
+    detect_rows = [r for r in rows if r["task"] == "detect"]
+    assert names == {f"{r['image_id']}#frame={r['frame_index']}" for r in detect_rows}
+
 
 BAD = {
     "truncated.mp4": lambda: truncated(moving_shape_clip(0, seconds=1.0).data),
@@ -145,11 +157,11 @@ BAD = {
     "empty.mp4": lambda: b"",
     "huge.mp4": lambda: moving_shape_clip(1, 640, 480, 0.5).data,
     "vfr.mp4": lambda: vfr_clip(0, count=12).data,
-    "unseekable.mp4": lambda: moving_shape_clip(2, seconds=0.5, unseekable=True).data,
+    "no-duration.mkv": lambda: moving_shape_clip(2, seconds=0.5, ext="mkv", unseekable=True).data,
     "still.gif": lambda: animated_clip(0, count=1).data,
     "anim.webp": lambda: animated_clip(1, count=6, fmt="webp").data,
 }
-FINE = {"vfr.mp4", "unseekable.mp4", "still.gif", "anim.webp"}
+FINE = {"vfr.mp4", "no-duration.mkv", "still.gif", "anim.webp"}
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ def test_driver_killed_mid_video_job_then_each_frame_once(tmp_path, tiny_model_d
     ray_tmp = Path(tempfile.mkdtemp(prefix="pgbv-", dir="/tmp"))
     try:
         proc = start_job(config, ray_tmp, log)
-        _kill_when(proc, lambda: committed_rows(out) >= total // 3, f">= {total // 3} of {total} rows")
+        _kill_when(proc, lambda: committed_rows(out) >= 2, f"first part file of {total} rows")
         at_kill = committed_rows(out)
         proc = start_job(config, ray_tmp, log)
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
