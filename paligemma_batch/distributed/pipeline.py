@@ -193,8 +193,10 @@ def _execute(config: JobConfig, store: OutputStore, plan: RunPlan, terminal: Tex
     counter = ProgressCounter.remote()
     sink = RunSink(store, plan.run_id, plan.record.attempts, config.output.rows_per_file, schema)
     reader = reader_for(config.input)
-    # A reader that knows its row counts (an image folder) holds one image per file of a shard's group.
-    images = sum(len(plan.members.get(s, [s])) for s in plan.shards) if reader.rows_known else None
+    # A reader that knows its row counts (an image folder) holds one image per file of a shard's group; a video
+    # file's frames are known only once it is decoded.
+    known = reader.rows_known and config.input.media == "image"
+    images = sum(len(plan.members.get(s, [s])) for s in plan.shards) if known else None
     progress = Progress(len(plan.shards), len(config.tasks), images_total=images)
     display = ProgressDisplay(terminal, config.ray.progress_interval_s)
     failure: list[BaseException] = []
