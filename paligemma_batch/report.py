@@ -300,16 +300,24 @@ def _video_strip(card: Card, colors: dict[str, str], sized: dict[str, Any]) -> s
     cells = []
     for pixels, index, t in zip(clip.frames, clip.frame_indices, clip.timestamps_s):
         objects = [o for row in by_frame.get(index, []) if row["status"] == "ok" for o in row_objects(row)]
-        parts = [f'<img class="thumb" width="{size[0]}" height="{size[1]}" alt="frame {index}" '
-                 f'src="{_data_uri(Image.fromarray(pixels), "JPEG")}">']
-        overlay = _mask_overlay(objects, colors, size)
-        if overlay is not None:
-            parts.append(f'<img class="masks" width="{size[0]}" height="{size[1]}" alt="" '
-                         f'src="{_data_uri(overlay, "PNG")}">')
-        if objects:
-            parts.append(_svg_boxes(objects, colors, (size[0] / width, size[1] / height), size))
-        cells.append(f'<div class="frame" title="frame {index} at {t:.2f} s">{"".join(parts)}</div>')
+        layers = _layers(pixels, objects, colors, size, (size[0] / width, size[1] / height), f"frame {index}")
+        cells.append(f'<div class="frame" title="frame {index} at {t:.2f} s">{layers}</div>')
     return f'<div class="strip" style="display:flex;flex-wrap:wrap;gap:2px">{"".join(cells)}</div>'
+
+
+def _layers(pixels: np.ndarray, objects: list[RowObject], colors: dict[str, str], size: tuple[int, int],
+            scale: tuple[float, float], alt: str = "") -> str:
+    """A thumbnail with its mask overlay and boxes (boxes that detect and segment rows agree on are drawn once)."""
+    parts = [f'<img class="thumb" width="{size[0]}" height="{size[1]}" alt="{alt}" '
+             f'src="{_data_uri(Image.fromarray(pixels), "JPEG")}">']
+    overlay = _mask_overlay(objects, colors, size)
+    if overlay is not None:
+        parts.append(f'<img class="masks" width="{size[0]}" height="{size[1]}" alt="" '
+                     f'src="{_data_uri(overlay, "PNG")}">')
+    if objects:
+        boxes = list({(o.label, o.box_xyxy): o for o in objects}.values())
+        parts.append(_svg_boxes(boxes, colors, scale, size))
+    return "".join(parts)
 
 
 def _frame(card: Card, colors: dict[str, str]) -> str:
@@ -330,16 +338,8 @@ def _frame(card: Card, colors: dict[str, str]) -> str:
     if (decoded.width, decoded.height) != (width, height):
         card.notes.append(f"source is {decoded.width}x{decoded.height} now, {width}x{height} in the output")
     objects = [o for row in card.rows if row["status"] == "ok" for o in row_objects(row)]
-    parts = [f'<img class="thumb" width="{size[0]}" height="{size[1]}" alt="" '
-             f'src="{_data_uri(Image.fromarray(decoded.pixels), "JPEG")}">']
-    overlay = _mask_overlay(objects, colors, size)
-    if overlay is not None:
-        parts.append(f'<img class="masks" width="{size[0]}" height="{size[1]}" alt="" '
-                     f'src="{_data_uri(overlay, "PNG")}">')
-    if objects:
-        boxes = list({(o.label, o.box_xyxy): o for o in objects}.values())  # detect and segment rows may agree
-        parts.append(_svg_boxes(boxes, colors, (size[0] / width, size[1] / height), size))
-    return f'<div class="frame">{"".join(parts)}</div>'
+    layers = _layers(decoded.pixels, objects, colors, size, (size[0] / width, size[1] / height))
+    return f'<div class="frame">{layers}</div>'
 
 
 def _row_html(row: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from paligemma_batch.config import JobConfig
-from paligemma_batch.distributed.progress import CountingInference, ProgressCounter, poll
+from paligemma_batch.distributed.progress import CountedInferenceStage, ProgressCounter, poll
 from paligemma_batch.distributed.sink import RunSink
 from paligemma_batch.distributed.stages import InferenceStage, PreprocessPlan, preprocess, read_shards, wanted_fields
 from paligemma_batch.engines import input_spec
@@ -102,7 +102,7 @@ def build(config: JobConfig, plan: RunPlan, encoder: PromptEncoder, progress_cou
         fn_kwargs={"plan": PreprocessPlan.create(config, encoder, plan.done_keys)},
     )
     return ds.map_batches(
-        InferenceStage if progress_counter is None else CountingInference,
+        InferenceStage if progress_counter is None else CountedInferenceStage,
         batch_size=inf.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=inf.min_actors, max_size=inf.max_actors),

@@ -44,7 +44,7 @@ def poll(counter, progress: Progress) -> None:
                                                                                  timeout=10)
 
 
-class CountingInference(InferenceStage):
+class CountedInferenceStage(InferenceStage):
     """The inference stage, telling a :class:`ProgressCounter` about each batch it annotates."""
 
     def __init__(self, progress_counter, **kwargs):
