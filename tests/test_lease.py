@@ -149,6 +149,10 @@ def test_killed_holder_on_this_host_is_taken_over_at_once(output):
             output.acquire("next", stale_after_s=60)
     finally:
         holder.send_signal(signal.SIGKILL)
+    for _ in range(100):  # SIGKILL lands asynchronously: wait until the process is a zombie (not reaped)
+        if Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
     last_beat = LeaseRecord(**output.on_disk())
     assert last_beat.beats >= 1
     with output.acquire("next", stale_after_s=60) as taken:  # still a zombie (not reaped), long before 60 s

@@ -34,7 +34,7 @@ def test_driver_killed_mid_video_job_then_each_frame_once(tmp_path, tiny_model_d
     clips.mkdir()
     encoder = PromptEncoder.from_folder(tiny_model_dir)
     expected: Counter = Counter()
-    for i in range(8):
+    for i in range(24):  # enough work that the driver is killed mid-job
         clip = moving_shape_clip(i, 96, 64, 0.5, ext=("mp4", "webm")[i % 2])
         path = clips / f"clip-{i}.{clip.ext}"
         path.write_bytes(clip.data)
@@ -47,7 +47,7 @@ def test_driver_killed_mid_video_job_then_each_frame_once(tmp_path, tiny_model_d
         "tasks": [{"task": "caption", "lang": "en"},
                   {"task": "prompt", "prompt": "what happens", "name": "story", "per": "clip"}],
         "model": {"source": str(tiny_model_dir), "precision": "float32", "max_new_tokens": 6},
-        "inference": {"batch_size": 2, "num_cpus": 0.5},
+        "inference": {"batch_size": 1, "num_cpus": 0.5},
         "preprocess": {"num_cpus": 0.5, "batch_size": 1},
         "output": {"uri": str(out), "rows_per_file": 2},
         "ray": {"num_cpus": 2, "progress_bars": False},
