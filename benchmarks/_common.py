@@ -475,12 +475,19 @@ def decoded(w: Workload, processor, limit: int | None = None) -> list[np.ndarray
     return [decode_image(data, size, resample).pixels for _, data in tar_images(w.shards, limit)]
 
 
-def requests_for(w: Workload, processor, images: int):
-    """One request per (image, prompt), as the inference stage builds them."""
+def requests_for(w: Workload, processor, images: int, grouped: bool = True):
+    """One request per (image, prompt), as the inference stage builds them: each task its own kind and limit
+    (``grouped=False``: one kind, the engine's limit, every task in one batch)."""
     from paligemma_batch.engines.transformers_engine import Request, prompt_ids
+    from paligemma_batch.tasks import max_new_tokens
 
-    ids = [prompt_ids(processor, p) for p in w.prompts]
-    return [Request(i, prompt) for i in range(images) for prompt in ids]
+    def count(text: str) -> int:
+        return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    tasks = [task_config(t) for t in w.tasks]
+    prompts = [(prompt_ids(processor, p), max_new_tokens(t, w.max_new_tokens, count) if grouped else None,
+                t.output_name if grouped else "") for t, p in zip(tasks, w.prompts)]
+    return [Request(i, ids, max_new_tokens=limit, kind=kind) for i in range(images) for ids, limit, kind in prompts]
 
 
 def engine_sweep(engine, w: Workload, pixels: list[np.ndarray], batch_sizes: list[int], processor) -> list[list]:

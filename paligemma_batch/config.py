@@ -13,7 +13,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from paligemma_batch.tasks import TASKS, build_prompt, task_issues
 
@@ -169,6 +170,12 @@ class TaskConfig(_Strict):
     )
     answer: str | None = Field(None, description="For 'question': the answer to generate a question for.")
     objects: list[str] = Field(default_factory=list, description="For 'detect' and 'segment': object names.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=2048,
+        description="This task's generation limit, at most model.max_new_tokens. Default: the task's own budget "
+        "(answer, question: 32; detect: 8 and segment: 4 found objects per name, each 4 loc tokens (+16 seg), its "
+        "name and a separator), or model.max_new_tokens for free text and whenever that is lower.",
+    )
     per: Literal["frame", "clip"] = Field(
         "frame",
         description="Videos only: frame annotates each sampled frame like an image (one row per frame); clip puts "
@@ -207,7 +214,8 @@ class ModelConfig(_Strict):
     precision: Precision = Field(
         "bfloat16", description="float32, bfloat16, float16, int8 or int4 (bitsandbytes nf4)."
     )
-    max_new_tokens: int = Field(64, ge=1, le=2048, description="Generation length limit per prompt.")
+    max_new_tokens: int = Field(64, ge=1, le=2048, description="Generation length cap of every task (see "
+                                "tasks[].max_new_tokens for each task's own limit).")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel (a Gemma 2 decoder, which soft-caps, runs eager attention under sdpa).")
     mask_decoder: str | None = Field(
         None,
@@ -222,10 +230,19 @@ class ModelConfig(_Strict):
     )
 
 
+AUTO_CPU_IMAGES = 16
+AUTO_GPU_IMAGES = 256  # split by the engine into model calls that fit (engines.base.Engine.probe_max_rows)
+
+
 class InferenceConfig(_Strict):
     """The PaliGemma actor pool: one model per actor."""
 
-    batch_size: int = Field(16, ge=1, description="Images per actor call; every task of an image runs in it.")
+    batch_size: int | Literal["auto"] = Field(
+        16,
+        description="Images per actor call; every task of an image runs in it, each task in its own model call. "
+        f"auto: {AUTO_CPU_IMAGES} on CPU; on GPUs {AUTO_GPU_IMAGES}, with model calls of as many requests as a "
+        "memory probe at actor start finds room for.",
+    )
     min_actors: int = Field(1, ge=1, description="Smallest actor pool size.")
     max_actors: int = Field(1, ge=1, description="Largest actor pool size (autoscales between min and max).")
     num_gpus: float = Field(0, ge=0, description="GPUs per actor; 0 runs on CPU. >1 spreads a model over GPUs.")
@@ -236,11 +253,25 @@ class InferenceConfig(_Strict):
         description="Fresh actors started after one fails to load the model, before the job fails with the cause.",
     )
 
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _images_or_auto(cls, value: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"expected a whole number of images (1 or more) or auto, not {value!r}")
+
     @model_validator(mode="after")
     def _pool(self) -> InferenceConfig:
         if self.max_actors < self.min_actors:
             raise ValueError("max_actors must be >= min_actors")
         return self
+
+    @property
+    def images_per_call(self) -> int:
+        """``batch_size``, with auto resolved for the actor's device."""
+        if self.batch_size != "auto":
+            return self.batch_size
+        return AUTO_GPU_IMAGES if self.num_gpus > 0 else AUTO_CPU_IMAGES
 
 
 class PreprocessConfig(_Strict):
@@ -310,6 +341,15 @@ class JobConfig(_Strict):
             seen.add(task.output_name)
         return tasks
 
+    @field_validator("model")
+    @classmethod
+    def _caps_task_limits(cls, model: ModelConfig, info: ValidationInfo) -> ModelConfig:
+        for i, task in enumerate(info.data.get("tasks") or []):
+            if (task.max_new_tokens or 0) > model.max_new_tokens:
+                raise ValueError(f"max_new_tokens ({model.max_new_tokens}) caps every task, but tasks.{i}.max_new_tokens "
+                                 f"is {task.max_new_tokens}; raise the cap or lower the task's limit")
+        return model
+
     @property
     def output_storage(self) -> StorageOptions:
         return self.output.storage_options or self.input.storage_options
@@ -332,6 +372,9 @@ class JobConfig(_Strict):
         else:
             for task in payload["tasks"]:
                 task.pop("per")
+        for task in payload["tasks"]:  # configs without per-task limits keep their fingerprints
+            if task["max_new_tokens"] is None:
+                task.pop("max_new_tokens")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

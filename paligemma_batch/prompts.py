@@ -84,11 +84,16 @@ class PromptEncoder:
 
     def ids(self, prompt: str) -> list[int]:
         """``<image>`` × N, ``<bos>``, the prompt's tokens, then the tokens of ``"\\n"``, as PaliGemmaProcessor builds."""
+        return [self.image_token_id] * self.image_seq_length + [self.bos_token_id] + list(self._text_ids(prompt + "\n"))
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` takes (a task's budget counts the object names it may generate)."""
+        return len(self._text_ids(text))
+
+    def _text_ids(self, text: str) -> tuple[int, ...]:
         if self.digest not in _TOKENIZERS:
             _TOKENIZERS[self.digest] = gemma_tokenizer(self.tokenizer_json)
-        return [self.image_token_id] * self.image_seq_length + [self.bos_token_id] + list(
-            _text_ids(self.digest, prompt + "\n"))
-
+        return _text_ids(self.digest, text)
 
     def clip_ids(self, prompt: str, num_frames: int) -> list[int]:
         """One prompt over ``num_frames`` images: ``<image>`` × (frames × N), ``<bos>``, the prompt, ``"\n"``, as

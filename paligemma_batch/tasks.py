@@ -19,6 +19,15 @@ LANGUAGES = (
 ).split()
 
 
+# New tokens of one detected object besides its name: 4 <loc> tokens and the " ;" separating objects; a segmented
+# object adds 16 <seg> tokens. big_vision decodes its VQA transfers with a 32-token budget.
+DETECTED_OBJECT_TOKENS = 4 + 2
+SEGMENTED_OBJECT_TOKENS = 4 + 16 + 2
+SHORT_ANSWER_TOKENS = 32
+
+TokenCounter = Callable[[str], int]  # text -> its number of tokens (PromptEncoder.count_tokens)
+
+
 class TaskFields(Protocol):
     task: str
     lang: str
@@ -27,6 +36,7 @@ class TaskFields(Protocol):
     question_key: str | None
     answer: str | None
     objects: list[str]
+    max_new_tokens: int | None
 
 
 @dataclass
@@ -75,8 +85,12 @@ def _segment(text: str, width: int, height: int) -> Parsed:
     return out
 
 
+def _names(t: TaskFields) -> list[str]:
+    return [o.strip() for o in t.objects if o.strip()]
+
+
 def _objects(t: TaskFields) -> str:
-    return " ; ".join(o.strip() for o in t.objects if o.strip())
+    return " ; ".join(_names(t))
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,16 @@ class TaskSpec:
     needs: str | None = None  # the config field the task requires
     parse: Callable[[str, int, int], Parsed] = _no_columns  # (text, original width, height) -> columns
     columns: tuple[str, ...] = ()  # the output columns ``parse`` fills
+    fixed_tokens: int | None = None  # the most new tokens an output takes (short answers)
+    object_tokens: int | None = None  # new tokens per found object besides its name (detect, segment)
+    instances: int = 1  # found objects allowed per object name, for the budget
+
+    def token_budget(self, t: TaskFields, count: TokenCounter) -> int | None:
+        """The new tokens a complete output can take: a short answer's, or ``instances`` of every named object;
+        None for free text (captions, OCR, prompts), which only the model's cap bounds."""
+        if self.object_tokens is None:
+            return self.fixed_tokens
+        return self.instances * sum(self.object_tokens + count(" " + name) for name in _names(t))
 
     def issues(self, t: TaskFields) -> list[str]:
         """Problems with one task's fields, as messages (empty when it is valid)."""
@@ -112,12 +136,15 @@ TASKS: dict[str, TaskSpec] = {
     "describe": TaskSpec(lambda t, q: f"describe {t.lang}", needs_lang=True),
     "ocr": TaskSpec(lambda t, q: "ocr"),
     "answer": TaskSpec(lambda t, q: f"answer {t.lang} {q if t.question_key else t.question}".strip(),
-                       needs_lang=True, needs="question", parse=_answer, columns=("answer",)),
-    "question": TaskSpec(lambda t, q: f"question {t.lang} {t.answer}", needs_lang=True, needs="answer"),
+                       needs_lang=True, needs="question", parse=_answer, columns=("answer",),
+                       fixed_tokens=SHORT_ANSWER_TOKENS),
+    "question": TaskSpec(lambda t, q: f"question {t.lang} {t.answer}", needs_lang=True, needs="answer",
+                         fixed_tokens=SHORT_ANSWER_TOKENS),
     "detect": TaskSpec(lambda t, q: f"detect {_objects(t)}", needs="objects", parse=_detect,
-                       columns=("detections", "invalid_objects")),
+                       columns=("detections", "invalid_objects"), object_tokens=DETECTED_OBJECT_TOKENS, instances=8),
     "segment": TaskSpec(lambda t, q: f"segment {_objects(t)}", needs="objects", parse=_segment,
-                        columns=("detections", "masks", "invalid_objects")),
+                        columns=("detections", "masks", "invalid_objects"), object_tokens=SEGMENTED_OBJECT_TOKENS,
+                        instances=4),
     "prompt": TaskSpec(lambda t, q: str(t.prompt), needs="prompt"),
 }
 
@@ -128,6 +155,11 @@ def task_issues(t: TaskFields) -> list[str]:
     if spec is None:
         return [f"unknown task '{t.task}'; known: {', '.join(TASKS)}"]
     return spec.issues(t)
+
+
+def max_new_tokens(t: TaskFields, cap: int, count: TokenCounter) -> int:
+    """Task ``t``'s generation limit: its own ``max_new_tokens``, else its spec's budget, never above ``cap``."""
+    return min(cap, t.max_new_tokens or TASKS[t.task].token_budget(t, count) or cap)
 
 
 def build_prompt(t: TaskFields, question: str | None = None) -> str:

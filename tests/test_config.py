@@ -115,3 +115,19 @@ def test_load_config_rejects_bad_yaml(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert len(info.value.problems) == 1 and str(path) in info.value.problems[0]
+
+
+def test_a_task_limit_above_the_model_cap_and_batch_size_auto():
+    tasks = [{"task": "caption"}, {"task": "ocr", "max_new_tokens": 100}]
+    assert _problems(_base(tasks=tasks, model={"source": "m", "max_new_tokens": 64})) == [
+        "model: max_new_tokens (64) caps every task, but tasks.1.max_new_tokens is 100; raise the cap or lower the "
+        "task's limit"]
+    assert parse_config(_base(tasks=tasks, model={"source": "m", "max_new_tokens": 100})).tasks[1].max_new_tokens == 100
+    assert parse_config(_base()).fingerprint() == parse_config(_base(tasks=[{"task": "caption", "lang": "en",
+                                                                              "max_new_tokens": None}])).fingerprint()
+    assert parse_config(_base(inference={"batch_size": "auto"})).inference.images_per_call == 16
+    assert parse_config(_base(inference={"batch_size": "auto", "num_gpus": 1})).inference.images_per_call == 256
+    assert parse_config(_base(inference={"batch_size": 5, "num_gpus": 1})).inference.images_per_call == 5
+    assert _problems(_base(inference={"batch_size": "big"})) == [
+        "inference.batch_size: expected a whole number of images (1 or more) or auto, not 'big'"]
+    assert _problems(_base(inference={"batch_size": 0}))[0].startswith("inference.batch_size: expected")

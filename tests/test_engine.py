@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from paligemma_batch.engines.base import rows_that_fit, sub_batches
 from paligemma_batch.engines.transformers_engine import TransformersEngine, Request, left_pad, model_input_size, prompt_ids
 from paligemma_batch.images import decode_image
 
@@ -141,9 +142,8 @@ def test_pixels_normalized_on_the_device_equal_the_processors_normalization(load
     assert torch.equal(engine.pixel_values(pixels), expected)
 
 
-@pytest.mark.parametrize("which", ["tiny", "shapes fixture"])
-def test_static_kv_cache_gives_the_same_tokens_as_the_dynamic_cache(which, loaded, images, scene_shards):
-    """The static cache (the CUDA default) must not change greedy output over a mixed-task batch (fp32)."""
+def _mixed_batch(which, loaded, images, scene_shards):
+    """(model, processor, pixels, prompts) of a mixed-task batch: the random tiny model, or the shipped fixture."""
     from paligemma_batch.config import InputConfig
     from paligemma_batch.fixtures.demo import SHAPES_MODEL
     from paligemma_batch.readers import iter_rows
@@ -157,12 +157,59 @@ def test_static_kv_cache_gives_the_same_tokens_as_the_dynamic_cache(which, loade
         model = PaliGemmaForConditionalGeneration.from_pretrained(SHAPES_MODEL, dtype=torch.float32).eval()
         shard = str(scene_shards[0])
         data = [row.data for row in iter_rows(shard, InputConfig(uri=shard))][:3]
-    pixels = [_pixels(processor, d) for d in data]
     prompts = PROMPTS if which == "tiny" else ["caption en", "detect circle ; square ; triangle",
                                                "segment circle", "answer en what color is the shape?"]
+    return model, processor, [_pixels(processor, d) for d in data], prompts
+
+
+@pytest.mark.parametrize("which", ["tiny", "shapes fixture"])
+def test_static_kv_cache_gives_the_same_tokens_as_the_dynamic_cache(which, loaded, images, scene_shards):
+    """The static cache (the CUDA default) must not change greedy output over a mixed-task batch (fp32)."""
+    model, processor, pixels, prompts = _mixed_batch(which, loaded, images, scene_shards)
     requests = [Request(i % len(pixels), prompt_ids(processor, p)) for i, p in enumerate(prompts * 2)]
     dynamic = TransformersEngine(model, processor, max_new_tokens=24).generate(pixels, requests)
     static = TransformersEngine(model, processor, max_new_tokens=24, cache_implementation="static").generate(
         pixels, requests)
     assert sum(g.num_output_tokens for g in dynamic) > 2 * len(requests)
     assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
+
+
+def test_sub_batches_keep_one_kind_and_limit_each_in_order():
+    requests = [Request(0, [1], kind="caption"), Request(0, [1], max_new_tokens=3, kind="answer"),
+                Request(1, [1], kind="caption"), Request(1, [1], max_new_tokens=3, kind="answer"),
+                Request(2, [1], kind="caption"), Request(2, [1], max_new_tokens=5, kind="answer")]
+    assert sub_batches(requests) == [[0, 2, 4], [1, 3], [5]]
+    assert sub_batches(requests, max_rows=2) == [[0, 2], [4], [1, 3], [5]]
+    assert sub_batches([]) == []
+
+
+def test_rows_that_fit_the_free_memory():
+    assert rows_that_fit(free_bytes=100 << 30, bytes_per_row=200 << 20) == 435  # 85% of 100 GiB at 200 MiB
+    assert rows_that_fit(free_bytes=1 << 20, bytes_per_row=1 << 30) == 1
+    assert rows_that_fit(free_bytes=1 << 40, bytes_per_row=1, most=512) == 512
+
+
+@pytest.mark.parametrize("which", ["tiny", "shapes fixture"])
+def test_each_kind_stops_at_its_own_limit_with_the_tokens_of_batch_size_one(which, loaded, images, scene_shards):
+    """Mixed tasks in one batch, each task its own sub-batch and limit (fp32): every request's tokens equal
+    plain ``model.generate`` on that request alone with its limit, with or without a cap on rows per call."""
+    model, processor, pixels, prompts = _mixed_batch(which, loaded, images, scene_shards)
+    limits = dict(zip(prompts, [14, 3, 20, 6]))
+    requests = [Request(i, prompt_ids(processor, p), max_new_tokens=limits[p], kind=p)
+                for i in range(len(pixels)) for p in prompts]
+    engine = TransformersEngine(model, processor, max_new_tokens=24)
+    calls = []
+    plain_generate = model.generate
+    model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or plain_generate(**kw)
+    try:
+        grouped = engine.generate(pixels, requests)
+    finally:
+        del model.generate
+    assert sorted(calls) == [len(pixels)] * len(prompts)  # one call per task, each of every image
+    assert TransformersEngine(model, processor, max_new_tokens=24, max_rows=2).generate(pixels, requests) == grouped
+    for r, got in zip(requests, grouped):
+        alone = TransformersEngine(model, processor, max_new_tokens=r.max_new_tokens).generate(
+            [pixels[r.image_index]], [Request(0, r.input_ids)])[0]
+        assert got.token_ids == alone.token_ids and got.num_output_tokens <= r.max_new_tokens
+    assert max(g.num_output_tokens for r, g in zip(requests, grouped) if r.max_new_tokens == 3) <= 3
+    assert max(g.num_output_tokens for g in grouped) > 6

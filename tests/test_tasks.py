@@ -33,3 +33,22 @@ def test_a_segment_object_without_seg_tokens_is_a_detection_and_counted_invalid(
     parsed = TASKS["segment"].parse(TEXT, 640, 480)
     assert [d["label"] for d in parsed.columns["detections"]] == ["circle", "square"]
     assert [m["label"] for m in parsed.columns["masks"]] == ["circle"] and parsed.columns["invalid_objects"] == 1
+
+
+def test_each_tasks_limit_comes_from_its_spec_and_the_object_names_never_above_the_cap():
+    from paligemma_batch.fixtures.demo import SHAPES_MODEL
+    from paligemma_batch.prompts import PromptEncoder
+    from paligemma_batch.tasks import max_new_tokens
+
+    count = PromptEncoder.from_folder(SHAPES_MODEL).count_tokens
+    assert count(" circle") >= 1 and count(" red circle") > count(" circle")
+    names = ["circle", "red square"]
+    one_each = sum(count(" " + n) for n in names)
+    limit = {name: max_new_tokens(TaskConfig(task=name, question="q?", answer="a", objects=names, prompt="p"), 1000,
+                                  count) for name in TASKS}
+    assert limit == {"caption": 1000, "describe": 1000, "ocr": 1000, "prompt": 1000, "answer": 32, "question": 32,
+                     "detect": 8 * (2 * (4 + 2) + one_each), "segment": 4 * (2 * (4 + 16 + 2) + one_each)}
+    assert max_new_tokens(TaskConfig(task="segment", objects=names), 64, count) == 64  # the model's cap
+    assert max_new_tokens(TaskConfig(task="answer", question="q?"), 20, count) == 20
+    assert max_new_tokens(TaskConfig(task="caption", max_new_tokens=12), 64, count) == 12  # the task's own
+    assert max_new_tokens(TaskConfig(task="answer", question="q?", max_new_tokens=48), 64, count) == 48

@@ -5,7 +5,8 @@ Sections, in order of value, each with its own time budget (the whole check fits
 1. ``model``: PaliGemma-3B-224 with random bf16 weights made on the GPU, saved, loaded through ``load_model``;
 2. ``job``: ``pipeline.run`` on 4,096 640x480 JPEGs in 32 tars, caption en, 20 forced new tokens, one GPU
    actor and CPU tasks on the other cores: ``job_images_per_s``, ``job_gpu_util``, rows == images once each;
-3. ``sweep``: engine images/s and prefill MFU per batch size (dynamic KV cache, then static at the best size);
+3. ``sweep``: engine images/s and prefill MFU per batch size (dynamic KV cache, then static at the best size),
+   and the requests per call that ``inference.batch_size: auto``'s memory probe picks;
 4. ``precisions``: bf16, fp16, int8, int4: images/s, peak GPU memory, greedy agreement with bf16;
 5. ``pg2_448``: PaliGemma 2 3B at 448 px, attention eager vs sdpa vs flex_attention: images/s, logit difference;
 6. ``mix``: caption + detect (3 objects) + segment (1 object) through the job: rows/s.
@@ -312,6 +313,13 @@ def section_sweep(ck: Check, soft: Deadline) -> None:
     first_s, generate_s, _ = ck.timed(lambda: static.generate(pixels[:batch], requests), repeats)
     ck.results.emit("engine_images_per_s", batch / generate_s, "images/s", batch=batch, cache="static",
                     first_call_s=first_s, dynamic_images_per_s=best[0])
+    t0 = time.perf_counter()
+    rows = generate.probe_max_rows(len(ids), NEW_TOKENS)
+    if rows is None:
+        ck.results.skipped("batch_probe_rows", "no memory probe on CPU (inference.batch_size: auto is 16 there)")
+    else:
+        ck.results.emit("batch_probe_rows", rows, "requests/call", probe_s=time.perf_counter() - t0,
+                        prefix_tokens=len(ids), new_tokens=NEW_TOKENS, best_swept_batch=batch)
 
 
 def section_precisions(ck: Check, soft: Deadline) -> None:
@@ -459,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None, help="the whole check's time (default 420; tiny 280)")
     parser.add_argument("--only", default=None, help="comma-separated sections to run (default all, in order)")
     parser.add_argument("--images", type=int, default=None, help="images in the job (default 4096; tiny 256)")
-    parser.add_argument("--job-batch", type=int, default=None, help="images per actor call (default 128; tiny 16)")
+    parser.add_argument("--job-batch", type=lambda v: v if v == "auto" else int(v), default=None,
+                        help="images per actor call, or auto (default 128; tiny 16)")
     parser.add_argument("--workdir", default=None, help="where checkpoints and inputs go (default: the temp dir)")
     args = parser.parse_args(argv)
     args.budget_s = args.budget_s or (280.0 if args.tiny else 420.0)

@@ -103,12 +103,12 @@ def build(config: JobConfig, plan: RunPlan, encoder: PromptEncoder, progress_cou
     )
     return ds.map_batches(
         InferenceStage if progress_counter is None else CountedInferenceStage,
-        batch_size=inf.batch_size,
+        batch_size=inf.images_per_call,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=inf.min_actors, max_size=inf.max_actors),
         num_gpus=inf.num_gpus,
         num_cpus=inf.num_cpus,
-        fn_constructor_kwargs={"config": config, "run_id": plan.run_id, "input_size": encoder.size,
+        fn_constructor_kwargs={"config": config, "run_id": plan.run_id, "encoder": encoder,
                                **({} if progress_counter is None else {"progress_counter": progress_counter})},
     )
 

@@ -7,6 +7,7 @@ The same callables run outside Ray (tests call them directly on tables).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from paligemma_batch.readers import SourceRow, reader_for
 from paligemma_batch.schema import ANNOTATIONS, default_row
 from paligemma_batch.stats import KEYSUM_MOD, key_hash
 from paligemma_batch.store import ShardLog, row_key
+from paligemma_batch.tasks import max_new_tokens
 from paligemma_batch.video import VideoSampling
 
 SOURCE_SCHEMA = pa.schema(
@@ -53,6 +55,9 @@ PREPARED_SCHEMA = pa.schema(
 )
 
 READ_ROWS_PER_BLOCK = 64
+PROMPT_TOKENS_MARGIN = 64  # prompt text tokens (bos, task words, a question) the batch-size probe allows for
+
+logger = logging.getLogger(__name__)
 
 
 def row_to_dict(row: SourceRow) -> dict:
@@ -64,6 +69,14 @@ def row_to_dict(row: SourceRow) -> dict:
         "fields": json.dumps(row.fields, ensure_ascii=False),
         "error": row.error,
     }
+
+
+def images_per_prompt(config: JobConfig) -> int:
+    """The most images one prompt holds: a clip task's frames, else one."""
+    if config.input.media != "video" or all(t.per == "frame" for t in config.tasks):
+        return 1
+    video = config.input.video
+    return video.max_frames if video.fps else video.frames
 
 
 def wanted_fields(tasks: list[TaskConfig]) -> list[str]:
@@ -170,7 +183,7 @@ class InferenceStage:
     """Ray actor stage: one model per actor, loaded when Ray constructs the actor; a batch of images in,
     one annotated row per (image, task) out."""
 
-    def __init__(self, config: JobConfig, run_id: str, input_size: tuple[int, int] | None = None):
+    def __init__(self, config: JobConfig, run_id: str, encoder: PromptEncoder | None = None):
         import torch
 
         from paligemma_batch.engines import engine_class, input_spec
@@ -181,9 +194,16 @@ class InferenceStage:
             torch.set_num_threads(inf.num_threads or max(1, int(inf.num_cpus)))
         self.config = config
         self.run_id = run_id
-        # The CPU stage's size (engines.input_spec): the one source of truth, passed in by the pipeline.
-        self.input_size = input_size or input_spec(config.model, config.model_storage).size
+        # The CPU stage's encoder (engines.input_spec): the one source of the input size, passed in by the pipeline.
+        encoder = encoder or input_spec(config.model, config.model_storage)
+        self.input_size = encoder.size
+        self.limits = {t.output_name: max_new_tokens(t, config.model.max_new_tokens, encoder.count_tokens)
+                       for t in config.tasks}
         self.engine = engine_class(config.model).load(config.model, config.model_storage, inf.num_gpus)
+        if inf.batch_size == "auto":
+            self.engine.max_rows = self.engine.probe_max_rows(
+                encoder.image_seq_length * images_per_prompt(config) + PROMPT_TOKENS_MARGIN, max(self.limits.values()))
+            logger.info("inference.batch_size auto: %s requests per model call", self.engine.max_rows or "all")
         self.decoder = None
         if config.model.mask_decoder:
             self.decoder = MaskDecoder.from_npz(config.model.mask_decoder, config.model_storage.to_fsspec())
@@ -201,8 +221,9 @@ class InferenceStage:
             first = len(pixels)
             pixels.extend(np.frombuffer(r["pixels"], np.uint8).reshape(-1, *self.input_size, 3))
             frames = tuple(range(first, len(pixels))) if len(pixels) - first > 1 else None
-            requests += [Request(first, ids, frames)
-                         for ids, task_error in zip(r["input_ids"], r["task_errors"]) if task_error is None]
+            requests += [Request(first, ids, frames, self.limits[task], kind=task)
+                         for task, ids, task_error in zip(r["tasks"], r["input_ids"], r["task_errors"])
+                         if task_error is None]
         generated = iter(self.engine.generate(pixels, requests))
         out, items = [], []
         for row in rows:

@@ -11,7 +11,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from paligemma_batch.config import ModelConfig, StorageOptions
-from paligemma_batch.engines.base import Engine, Generated, Request
+from paligemma_batch.engines.base import Engine, Generated, Request, rows_that_fit, sub_batches
 
 
 def prompt_ids(processor, prompt: str) -> list[int]:
@@ -45,12 +45,13 @@ class TransformersEngine(Engine):
     """
 
     def __init__(self, model, processor, max_new_tokens: int, min_new_tokens: int | None = None,
-                 cache_implementation: str | None = None):
+                 cache_implementation: str | None = None, max_rows: int | None = None):
         self.model = model
         self.processor = processor
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
         self.cache_implementation = cache_implementation
+        self.max_rows = max_rows
         self.pad_id = processor.tokenizer.pad_token_id
         self.eos_id = processor.tokenizer.eos_token_id
         ip = processor.image_processor
@@ -87,8 +88,11 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def image_features(self, pixels: list[np.ndarray]) -> torch.Tensor:
-        """One vision-tower + projector pass per image: [images, image tokens, text hidden size]."""
-        return self.model.model.get_image_features(self.pixel_values(pixels)).pooler_output
+        """One vision-tower + projector pass per image, ``max_rows`` images at a time: [images, image tokens,
+        text hidden size]."""
+        step = self.max_rows or len(pixels)
+        return torch.cat([self.model.model.get_image_features(self.pixel_values(pixels[k:k + step])).pooler_output
+                          for k in range(0, len(pixels), step)])
 
     @torch.inference_mode()
     def generate(self, pixels: list[np.ndarray], requests: list[Request]) -> list[Generated]:
@@ -99,9 +103,19 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def generate_from_features(self, features: torch.Tensor, requests: list[Request]) -> list[Generated]:
-        """Greedy generation on precomputed :meth:`image_features`; ``features`` is left unchanged."""
-        if not requests:
-            return []
+        """Greedy generation on precomputed :meth:`image_features` (left unchanged), one call per sub-batch:
+        requests of one kind and limit together (:func:`sub_batches`), so each call stops at its own length."""
+        results: list[Generated | None] = [None] * len(requests)
+        for positions in sub_batches(requests, self.max_rows):
+            batch = [requests[i] for i in positions]
+            limit = batch[0].max_new_tokens or self.max_new_tokens
+            forced = min(self.min_new_tokens, limit) if self.min_new_tokens else None
+            for i, generated in zip(positions, self._generate(features, batch, limit, forced)):
+                results[i] = generated
+        return results
+
+    def _generate(self, features: torch.Tensor, requests: list[Request], max_new_tokens: int,
+                  min_new_tokens: int | None) -> list[Generated]:
         # A prompt over several images (a clip) takes their features one after another, in its own order.
         index = torch.tensor([i for r in requests for i in r.images], device=features.device)
         encoded = BaseModelOutputWithPooling(pooler_output=features.index_select(0, index))
@@ -112,8 +126,8 @@ class TransformersEngine(Engine):
             attention_mask=attention.to(self.device),
             token_type_ids=torch.zeros_like(input_ids).to(self.device),
             mm_encoder_outputs={"image": encoded},
-            max_new_tokens=self.max_new_tokens,
-            min_new_tokens=self.min_new_tokens,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             cache_implementation=self.cache_implementation,
             do_sample=False,
             num_beams=1,
@@ -128,3 +142,22 @@ class TransformersEngine(Engine):
             text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             results.append(Generated(text, len(r.input_ids), len(tokens), tokens))
         return results
+
+    @torch.inference_mode()
+    def probe_max_rows(self, prefix_tokens: int, new_tokens: int, trial_rows: int = 8) -> int | None:
+        """On CUDA: a trial call of ``trial_rows`` requests, each an image and ``prefix_tokens`` prompt tokens forced
+        to ``new_tokens`` new ones; its peak memory per request against the free memory. None elsewhere."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        height, width = model_input_size(self.processor)
+        pixels = [np.zeros((height, width, 3), np.uint8)] * trial_rows
+        seq = self.processor.image_seq_length
+        ids = [self.processor.image_token_id] * seq + [self.processor.tokenizer.bos_token_id] * max(1, prefix_tokens - seq)
+        self._generate(self.image_features(pixels), [Request(i, ids) for i in range(trial_rows)], new_tokens, new_tokens)
+        per_row = (torch.cuda.max_memory_allocated(self.device) - before) / trial_rows
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return rows_that_fit(free, per_row)
