@@ -213,3 +213,23 @@ def test_each_kind_stops_at_its_own_limit_with_the_tokens_of_batch_size_one(whic
         assert got.token_ids == alone.token_ids and got.num_output_tokens <= r.max_new_tokens
     assert max(g.num_output_tokens for r, g in zip(requests, grouped) if r.max_new_tokens == 3) <= 3
     assert max(g.num_output_tokens for g in grouped) > 6
+
+
+def test_static_cache_calls_take_few_shapes_and_the_same_tokens(loaded, images):
+    """Rows round up to 8 and the prompt width to 64 under the static cache (a compiled step is then reused);
+    the padding rows are dropped and the tokens stay those of the dynamic cache."""
+    model, processor = loaded
+    pixels = [_pixels(processor, data) for data in images]
+    requests = [Request(i % len(pixels), prompt_ids(processor, p)) for i, p in enumerate(PROMPTS + PROMPTS[:1])]
+    shapes = []
+    plain_generate = model.generate
+    model.generate = lambda **kw: shapes.append(tuple(kw["input_ids"].shape)) or plain_generate(**kw)
+    try:
+        static = TransformersEngine(model, processor, max_new_tokens=8, cache_implementation="static").generate(
+            pixels, requests)
+    finally:
+        del model.generate
+    dynamic = TransformersEngine(model, processor, max_new_tokens=8).generate(pixels, requests)
+    assert [(rows % 8, width % 64) for rows, width in shapes] == [(0, 0)] and len(static) == len(requests) == 5
+    assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
+    assert [g.num_input_tokens for g in static] == [len(r.input_ids) for r in requests]

@@ -26,15 +26,22 @@ def model_input_size(processor) -> tuple[int, int]:
     return int(size["height"]), int(size["width"])
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists → left-padded ``input_ids`` and ``attention_mask`` (greedy output then matches batch size 1)."""
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → left-padded ``input_ids`` and ``attention_mask`` (greedy output then matches batch size 1),
+    the width rounded up to a ``multiple``."""
+    width = -(-max(len(s) for s in sequences) // multiple) * multiple
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, ids in enumerate(sequences):
         input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention[row, width - len(ids) :] = 1
     return input_ids, attention
+
+
+# The static cache's shapes: rows rounded up to a multiple of 8 (repeats of the last, dropped after) and prompt
+# width to a multiple of 64 (left padding), so batches of other sizes and per-image questions reuse a compiled step.
+STATIC_ROWS = 8
+STATIC_WIDTH = 64
 
 
 class TransformersEngine(Engine):
@@ -116,10 +123,14 @@ class TransformersEngine(Engine):
 
     def _generate(self, features: torch.Tensor, requests: list[Request], max_new_tokens: int,
                   min_new_tokens: int | None) -> list[Generated]:
+        rows = list(requests)
+        static = self.cache_implementation == "static"
+        if static:  # few shapes, so the compiled decode step is reused rather than compiled again
+            rows += [rows[-1]] * (-len(rows) % STATIC_ROWS)
         # A prompt over several images (a clip) takes their features one after another, in its own order.
-        index = torch.tensor([i for r in requests for i in r.images], device=features.device)
+        index = torch.tensor([i for r in rows for i in r.images], device=features.device)
         encoded = BaseModelOutputWithPooling(pooler_output=features.index_select(0, index))
-        input_ids, attention = left_pad([r.input_ids for r in requests], self.pad_id)
+        input_ids, attention = left_pad([r.input_ids for r in rows], self.pad_id, STATIC_WIDTH if static else 1)
         width = input_ids.shape[1]
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
