@@ -233,3 +233,13 @@ def test_static_cache_calls_take_few_shapes_and_the_same_tokens(loaded, images):
     assert [(rows % 8, width % 64) for rows, width in shapes] == [(0, 0)] and len(static) == len(requests) == 5
     assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
     assert [g.num_input_tokens for g in static] == [len(r.input_ids) for r in requests]
+
+
+def test_the_batch_size_probe_runs_a_forced_trial_call_and_has_no_probe_on_cpu(loaded):
+    """``inference.batch_size: auto`` measures a trial call's memory on CUDA; the call itself runs anywhere."""
+    model, processor = loaded
+    engine = TransformersEngine(model, processor, max_new_tokens=4)
+    prefix = processor.image_seq_length + 30
+    trial = engine.trial_call(prefix_tokens=prefix, new_tokens=6, rows=3)
+    assert [(g.num_input_tokens, g.num_output_tokens) for g in trial] == [(prefix, 6)] * 3
+    assert engine.probe_max_rows(prefix, 6) is None and engine.max_rows is None

@@ -107,9 +107,10 @@ def test_inference_stage_direct_and_in_ray(ray_local, config, encoder):
 
 def test_each_task_stops_at_its_own_limit_direct_and_in_ray(ray_local, config, encoder):
     """The random tiny model rarely ends early, so each task's rows run to its limit: the cap (8) for caption, 3
-    for a prompt that sets its own; the same rows inside Ray Data, in batches of other sizes."""
-    limited = config.model_copy(update={"tasks": [config.tasks[0], TaskConfig(task="prompt", prompt="colours",
-                                                                              max_new_tokens=3)]})
+    for a prompt that sets its own; the same rows inside Ray Data, in batches of other sizes (batch_size auto)."""
+    limited = config.model_copy(update={
+        "tasks": [config.tasks[0], TaskConfig(task="prompt", prompt="colours", max_new_tokens=3)],
+        "inference": config.inference.model_copy(update={"batch_size": "auto"})})  # on CPU: no probe, no row cap
     prepared = preprocess(_sources(limited), PreprocessPlan.create(limited, encoder))
     direct = InferenceStage(limited, run_id="r")(prepared)
     from ray.data import ActorPoolStrategy

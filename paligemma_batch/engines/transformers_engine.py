@@ -156,19 +156,23 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def probe_max_rows(self, prefix_tokens: int, new_tokens: int, trial_rows: int = 8) -> int | None:
-        """On CUDA: a trial call of ``trial_rows`` requests, each an image and ``prefix_tokens`` prompt tokens forced
-        to ``new_tokens`` new ones; its peak memory per request against the free memory. None elsewhere."""
+        """On CUDA: the peak memory per request of a :meth:`trial_call` against the free memory. None elsewhere."""
         if self.device.type != "cuda":
             return None
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        height, width = model_input_size(self.processor)
-        pixels = [np.zeros((height, width, 3), np.uint8)] * trial_rows
-        seq = self.processor.image_seq_length
-        ids = [self.processor.image_token_id] * seq + [self.processor.tokenizer.bos_token_id] * max(1, prefix_tokens - seq)
-        self._generate(self.image_features(pixels), [Request(i, ids) for i in range(trial_rows)], new_tokens, new_tokens)
+        self.trial_call(prefix_tokens, new_tokens, trial_rows)
         per_row = (torch.cuda.max_memory_allocated(self.device) - before) / trial_rows
         free, _ = torch.cuda.mem_get_info(self.device)
         return rows_that_fit(free, per_row)
+
+    @torch.inference_mode()
+    def trial_call(self, prefix_tokens: int, new_tokens: int, rows: int) -> list[Generated]:
+        """``rows`` requests, each a blank image and a prompt of ``prefix_tokens`` tokens, forced to ``new_tokens``."""
+        height, width = model_input_size(self.processor)
+        seq = self.processor.image_seq_length
+        ids = [self.processor.image_token_id] * seq + [self.processor.tokenizer.bos_token_id] * max(1, prefix_tokens - seq)
+        pixels = [np.zeros((height, width, 3), np.uint8)] * rows
+        return self._generate(self.image_features(pixels), [Request(i, ids) for i in range(rows)], new_tokens, new_tokens)
