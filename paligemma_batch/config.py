@@ -199,6 +199,13 @@ class TaskConfig(_Strict):
         """The prompt text for one image (``question`` comes from the image's own data when configured)."""
         return build_prompt(self, question)
 
+    def prompt_from(self, fields: dict[str, str]) -> tuple[str, str | None]:
+        """The prompt for an image with these per-image ``fields``, and why the task can't run on it (its
+        ``question_key`` is missing there), or None."""
+        question = fields.get(self.question_key) if self.question_key else None
+        missing = self.question_key is not None and question is None
+        return self.prompt_for(question), f"input: no '{self.question_key}' for task {self.output_name}" if missing else None
+
 
 class ModelConfig(_Strict):
     """Which checkpoint to load and how."""

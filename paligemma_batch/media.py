@@ -3,7 +3,7 @@ one row holding every sampled frame for ``per: clip`` tasks. Ray-free and torch-
 
 Rows are dicts in the CPU stage's prepared layout (``distributed.stages.PREPARED_SCHEMA``). A video that
 cannot be decoded gives one error row carrying every task still to do, so each (video, task) gets an error
-row. A short video's repeated last frame is one frame row (the exactly-once key holds the frame index); clip
+row; a task whose per-video question is missing fails alone, in each of its rows. A short video's repeated last frame is one frame row (the exactly-once key holds the frame index); clip
 prompts keep the repeats, as big_vision does.
 """
 
@@ -26,21 +26,17 @@ class VideoPlan(Protocol):
     done_keys: frozenset[str]
 
 
-def _prompts(tasks: list[TaskConfig], fields: dict[str, str]) -> tuple[list[str], str | None]:
-    """Each task's prompt, and the first missing per-video question (an input error)."""
-    prompts, missing = [], None
-    for task in tasks:
-        question = fields.get(task.question_key) if task.question_key else None
-        if task.question_key and question is None and missing is None:
-            missing = f"input: no '{task.question_key}' for task {task.output_name}"
-        prompts.append(task.prompt_for(question))
-    return prompts, missing
-
-
-def _row(source: dict, tasks: list[TaskConfig], prompts: list[str], error: str | None, **extra) -> dict:
+def _row(source: dict, tasks: list[TaskConfig], fields: dict[str, str], error: str | None, **extra) -> dict:
+    """A prepared row for ``tasks``; a task whose per-video question is missing carries its own error."""
+    prompts, task_errors = zip(*(t.prompt_from(fields) for t in tasks))
     return {"image_id": source["image_id"], "source_uri": source["source_uri"], "width": None, "height": None,
-            "pixels": None, "tasks": [t.output_name for t in tasks], "prompts": prompts, "input_ids": [[] for _ in tasks],
-            "task_errors": [None for _ in tasks], "error": error, **extra}
+            "pixels": None, "tasks": [t.output_name for t in tasks], "prompts": list(prompts),
+            "input_ids": [[] for _ in tasks], "task_errors": list(task_errors), "error": error, **extra}
+
+
+def _ids(row: dict, encode) -> list[list[int]]:
+    """Each task's prompt ids, or none for a task that can't run."""
+    return [encode(p) if e is None else [] for p, e in zip(row["prompts"], row["task_errors"])]
 
 
 def prepare_video(source: dict, plan: VideoPlan) -> list[dict]:
@@ -53,8 +49,7 @@ def prepare_video(source: dict, plan: VideoPlan) -> list[dict]:
         return []
     frame_tasks = [t for t in plan.tasks if t.per == "frame"]
     clip_tasks = [t for t in open_tasks if t.per == "clip"]
-    prompts, missing = _prompts(open_tasks, fields)
-    error = source["error"] or missing
+    error = source["error"]
     if error is None:
         try:
             clip = decode_clip(source["data"], plan.video, plan.encoder.size, plan.encoder.resample,
@@ -62,7 +57,7 @@ def prepare_video(source: dict, plan: VideoPlan) -> list[dict]:
         except VideoDecodeError as err:
             error = str(err)
     if error is not None:
-        return [_row(source, open_tasks, prompts, error)]
+        return [_row(source, open_tasks, fields, error)]
     encoder, out = plan.encoder, []
     size = {"width": clip.width, "height": clip.height, "num_frames": clip.num_frames}
     first_seen = {}
@@ -72,14 +67,11 @@ def prepare_video(source: dict, plan: VideoPlan) -> list[dict]:
         todo = [t for t in frame_tasks if row_key(vid, t.output_name, index) not in done]
         if not todo:
             continue
-        task_prompts, _ = _prompts(todo, fields)
-        row = _row(source, todo, task_prompts, None, frame_index=index,
-                   timestamp_s=clip.timestamps_s[position], **size)
-        row.update(pixels=clip.frames[position].tobytes(), input_ids=[encoder.ids(p) for p in task_prompts])
+        row = _row(source, todo, fields, None, frame_index=index, timestamp_s=clip.timestamps_s[position], **size)
+        row.update(pixels=clip.frames[position].tobytes(), input_ids=_ids(row, encoder.ids))
         out.append(row)
     if clip_tasks:
-        task_prompts, _ = _prompts(clip_tasks, fields)
-        row = _row(source, clip_tasks, task_prompts, None, **size)
-        row.update(pixels=clip.frames.tobytes(), input_ids=[encoder.clip_ids(p, clip.num_frames) for p in task_prompts])
+        row = _row(source, clip_tasks, fields, None, **size)
+        row.update(pixels=clip.frames.tobytes(), input_ids=_ids(row, lambda p: encoder.clip_ids(p, clip.num_frames)))
         out.append(row)
     return out

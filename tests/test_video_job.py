@@ -192,3 +192,33 @@ def test_bad_videos_become_error_rows_per_video_and_task(ray_local, tiny_model_d
             reasons[name] = mine[0]["error"].split(":")[0]
     assert reasons == {"truncated.mp4": "bad_video", "corrupt.mp4": "no_frames", "audio.m4a.mp4": "no_video_stream",
                        "empty.mp4": "empty", "huge.mp4": "too_large"}, reasons
+
+
+def test_a_video_lacking_its_question_fails_only_the_task_that_asks_it(loaded, tiny_model_dir, tmp_path):
+    """Direct, then through the inference stage: the caption frame rows stay ok, the answer rows are errors."""
+    import json
+
+    import pyarrow as pa
+
+    from paligemma_batch.distributed.stages import SOURCE_SCHEMA, InferenceStage, PreprocessPlan, preprocess
+
+    tasks = [{"task": "caption"}, {"task": "answer", "question_key": "json.question"},
+             {"task": "answer", "name": "clip_answer", "question_key": "json.question", "per": "clip"}]
+    config = job_config(tiny_model_dir, str(tmp_path / "*.mp4"), str(tmp_path / "out"), tasks=tasks,
+                        input={"uri": str(tmp_path / "*.mp4"), **VIDEO_INPUT, "video": {"frames": 3}})
+    clip = moving_shape_clip(1, seconds=1.0)
+    sources = pa.Table.from_pylist([
+        {"image_id": f"{tmp_path}/{name}.mp4", "source_uri": f"{tmp_path}/{name}.mp4", "data": clip.data,
+         "fields": json.dumps(fields), "error": None}
+        for name, fields in [("asked", {"json.question": "what moves?"}), ("unasked", {})]], schema=SOURCE_SCHEMA)
+    prepared = preprocess(sources, PreprocessPlan.create(config, PromptEncoder.from_folder(tiny_model_dir)))
+    unasked = [r for r in prepared.to_pylist() if r["image_id"].endswith("unasked.mp4")]
+    assert [r["frame_index"] is None for r in unasked] == [False] * 3 + [True]  # 3 frame rows and the clip row
+    assert all(r["task_errors"][0] is None and r["input_ids"][0] for r in unasked[:3])
+    assert all(r["task_errors"][-1] == "input: no 'json.question' for task " + r["tasks"][-1] and r["input_ids"][-1] == []
+               for r in unasked)
+    out = InferenceStage(config, run_id="r")(prepared).to_pylist()
+    status = {(r["image_id"].rsplit("/", 1)[1], r["task"], r["status"]) for r in out}
+    assert status == {("asked.mp4", t, "ok") for t in ("caption", "answer", "clip_answer")} | {
+        ("unasked.mp4", "caption", "ok"), ("unasked.mp4", "answer", "error"), ("unasked.mp4", "clip_answer", "error")}
+    assert len(out) == 2 * (3 * 2 + 1)  # per video: 3 frames x 2 frame tasks, and the clip row

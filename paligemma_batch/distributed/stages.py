@@ -167,10 +167,7 @@ def preprocess(batch: pa.Table, plan: PreprocessPlan) -> pa.Table:
             except ImageDecodeError as err:
                 prepared["error"] = str(err)
         for task in todo:
-            question = fields.get(task.question_key) if task.question_key else None
-            missing = task.question_key and question is None
-            task_error = f"input: no '{task.question_key}' for task {task.output_name}" if missing else None
-            prompt = task.prompt_for(question)
+            prompt, task_error = task.prompt_from(fields)
             prepared["prompts"].append(prompt)
             prepared["task_errors"].append(task_error)
             runs = prepared["error"] is None and task_error is None
