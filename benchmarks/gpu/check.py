@@ -12,8 +12,11 @@ Sections, in order of value, each with its own time budget (the whole check fits
 6. ``mix``: caption + detect (3 objects) + segment (1 object) through the job: rows/s.
 
 Every result is one JSON line in ``OUT/results.jsonl``; a failing or overrunning section writes a line with
-its error and the check moves on. Generation length is forced by suppressing ``<eos>`` in the random
-checkpoint's generation config (random weights stop at random places), so every row gets ``max_new_tokens``.
+its error and the check moves on. The two Ray sections (``job``, ``mix``) each run in a process of their own,
+in a session of their own, with a Ray of their own: on overrun the check kills that session and whatever Ray
+started in it, and nothing of that Ray is left to the later sections. Generation length is forced by
+suppressing ``<eos>`` in the random checkpoint's generation config (random weights stop at random places), so
+every row gets ``max_new_tokens``.
 
     bash benchmarks/gpu/run.sh --out "$OUT"     # on the GPU machine
     bash benchmarks/gpu/run.sh --tiny           # every section on CPU with the tiny random model
@@ -23,15 +26,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
-
-import warnings
 
 import numpy as np
 
@@ -49,10 +54,12 @@ from support import (  # noqa: E402
     build_random,
     expected_keys,
     hard_limit,
+    kill_session,
     paligemma2_3b_448_config,
     paligemma_3b_224_config,
     prefill_flops,
     prompt_ids,
+    wait_unreaped,
     write_jpeg_shards,
 )
 
@@ -63,9 +70,14 @@ MIX_TASKS = [CAPTION, {"task": "detect", "objects": ["circle", "square", "triang
              {"task": "segment", "objects": ["circle"]}]
 MASK_DECODER = Path(__file__).resolve().parents[2] / "paligemma_batch/fixtures/assets/shapes-paligemma/vae-oid.npz"
 
-# name -> (GPU budget s, tiny budget s); the GPU budgets add up to the check's 420 s.
-BUDGETS = {"model": (60, 40), "job": (110, 90), "sweep": (45, 30), "precisions": (100, 60), "pg2_448": (50, 30),
-           "mix": (55, 60)}
+# name -> (GPU budget s, tiny budget s). The GPU budgets add up to the check's 420 s. The tiny ones allow for a
+# loaded, shared 2-core machine, where a Ray section's process start and Ray's start took up to a minute.
+BUDGETS = {"model": (60, 60), "job": (110, 240), "sweep": (45, 60), "precisions": (100, 90), "pg2_448": (50, 45),
+           "mix": (55, 180)}
+RAY_JOBS = {"job": ([CAPTION], NEW_TOKENS), "mix": (MIX_TASKS, MIX_NEW_TOKENS)}  # section -> tasks, new tokens
+CUT_SHORT_SIGNAL = signal.SIGUSR1  # to a Ray section's process: the budget is spent, write what you measured
+CUT_SHORT_GRACE_S = 5.0
+REPORTED_ERROR = 3  # a Ray section's process exits with this once it has written its own error line
 # GPU / tiny sizes
 SIZES = {
     "images": (4096, 256), "tars": (32, 8), "mix_images": (1024, 64), "job_batch": (128, 16),
@@ -74,24 +86,25 @@ SIZES = {
 
 
 class Check:
-    """State shared by the sections: the device, the work folder, the saved checkpoint, the inputs, Ray."""
+    """State shared by the sections: the device, the work folder, the saved checkpoint, the inputs.
 
-    def __init__(self, args: argparse.Namespace, results: Results):
+    ``argv`` is the check's command line, which a Ray section's process is started with.
+    """
+
+    def __init__(self, args: argparse.Namespace, results: Results, workdir: Path, argv: list[str] = ()):
         import torch
 
-        self.args, self.results = args, results
+        self.args, self.results, self.workdir, self.argv = args, results, workdir, list(argv)
         self.tiny = args.tiny
         self.cuda = not args.tiny
         if self.cuda and not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --tiny to check the script on CPU")
         self.device = "cuda" if self.cuda else "cpu"
         self.num_gpus = 1 if self.cuda else 0
-        self.workdir = Path(tempfile.mkdtemp(prefix="pgb-gpu-check-", dir=args.workdir))
         self.model_dir: Path | None = None
         self.model = self.processor = None
-        self.shards: list = []
+        self.shards: list[Path] = []
         self.images = 0
-        self.ray_started = False
         if self.tiny:
             torch.set_num_threads(1)  # the actor's setting; more threads than free cores spin on a shared CPU
 
@@ -136,22 +149,56 @@ class Check:
             self.model = load_model(cfg, StorageOptions(), num_gpus=self.num_gpus)
         return self.model, self.processor
 
-    def start_ray(self) -> None:
+    def inputs(self) -> list[Path]:
+        """The job's JPEG tars, written on first use (by ``job``, or by ``mix`` when ``job`` did not write them)."""
+        if not self.shards:
+            images = self.args.images or self.size("images")
+            t0 = time.perf_counter()
+            shards = write_jpeg_shards(self.workdir / "jpegs", images, self.size("tars"))
+            self.results.emit("inputs_s", time.perf_counter() - t0, "s", images=images, tars=len(shards),
+                              size="640x480", mib=sum(s.stat().st_size for s in shards) / 1024**2)
+            self.shards, self.images = shards, images
+        return self.shards
+
+    def run_ray_section(self, name: str, shards: list[Path]) -> None:
+        """Ray section ``name`` on ``shards`` in a process of its own (:func:`ray_section`), in a session of its own.
+
+        However it ends, every process left in that session (its Ray) is killed. An exception while waiting
+        (SectionTimeout: the budget is spent) first sends it CUT_SHORT_SIGNAL and waits CUT_SHORT_GRACE_S for it
+        to write the rate of what its job committed.
+        """
+        if self.model_dir is None:
+            raise RuntimeError("no checkpoint: the model section did not finish")
+        spec = {"section": name, "workdir": str(self.workdir), "model_dir": str(self.model_dir),
+                "shards": [str(s) for s in shards], "t0": self.results.t0, "spawned_at": time.perf_counter()}
+        child = subprocess.Popen([sys.executable, __file__, *self.argv, "--ray-section", json.dumps(spec)],
+                                 start_new_session=True)
+        try:
+            wait_unreaped(child.pid)
+        except BaseException:
+            os.kill(child.pid, CUT_SHORT_SIGNAL)
+            wait_unreaped(child.pid, CUT_SHORT_GRACE_S)
+            raise
+        finally:
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # a budget ending now waits for this
+            try:
+                killed = kill_session(child.pid)
+                child.wait()
+                self.results.emit("ray_section_exit", child.returncode, None, section=name, killed_after=killed)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if child.returncode not in (0, REPORTED_ERROR):
+            raise RuntimeError(f"its process exited with status {child.returncode}")
+
+    def start_ray(self, name: str, process_ready_s: float) -> None:
+        """This process's own Ray, its files under the work folder; its start is a line of its own."""
         import ray
 
-        if ray.is_initialized():
-            return
         t0 = time.perf_counter()
         ray.init(num_cpus=os.cpu_count(), num_gpus=self.num_gpus, include_dashboard=False, logging_level="WARNING",
-                 object_store_memory=(512 if self.tiny else 8192) * 1024**2,
-                 _temp_dir=tempfile.mkdtemp(prefix="ray-", dir=self.workdir))
-        self.results.emit("ray_start_s", time.perf_counter() - t0, "s", cpus=os.cpu_count(), gpus=self.num_gpus)
-
-    def stop_ray(self) -> None:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+                 object_store_memory=(512 if self.tiny else 8192) * 1024**2, _temp_dir=str(self.workdir / f"ray-{name}"))
+        self.results.emit("ray_start_s", time.perf_counter() - t0, "s", section=name, cpus=os.cpu_count(),
+                          gpus=self.num_gpus, process_ready_s=process_ready_s)
 
     def job_config(self, shards: list, tasks: list[dict], out: Path, max_new_tokens: int):
         from paligemma_batch.config import parse_config
@@ -168,46 +215,27 @@ class Check:
             "ray": {"progress_bars": False},
         })
 
-    def run_job(self, name: str, shards: list, tasks: list[dict], max_new_tokens: int) -> tuple[dict, float]:
-        """``pipeline.run`` with part-file and GPU sampling; writes the rate lines; (summary, images/s or None)."""
+    def run_job(self, name: str, shards: list, tasks: list[dict], max_new_tokens: int) -> None:
+        """``pipeline.run`` with part-file and GPU sampling: the rate lines (for a job cut short too, from the part
+        files it committed), then whether every row came exactly once."""
         import pyarrow.parquet as pq
 
         from paligemma_batch.pipeline import run
 
-        self.start_ray()
         out = self.workdir / name
         config = self.job_config(shards, tasks, out, max_new_tokens)
-        with ExitStack() as stack:
-            sampler = stack.enter_context(GpuSampler()) if self.cuda else None
-            watcher = stack.enter_context(PartFileWatcher(out))
-            t0 = time.perf_counter()
-            summary = run(config)
-            t1 = time.perf_counter()
-        rows = summary["rows_written"]
-        steady = watcher.steady()
-        rate = steady[0] if steady else None
-        window = sorted(t for t, _ in watcher.seen.values())
-        per = "images" if len(tasks) == 1 else "rows"
-        value = (rate / len(tasks) if rate and per == "images" else rate)
-        whole = rows / len(tasks) if per == "images" else rows
-        self.results.emit(
-            f"{name}_{per}_per_s", value, f"{per}/s", basis="part files committed after the first, per second",
-            whole_run=whole / (t1 - t0), run_s=t1 - t0, pipeline_wall_s=summary["wall_time_s"],
-            first_file_s=window[0] - t0 if window else None, last_file_s=window[-1] - t0 if window else None,
-            steady_not_measured=None if steady else "fewer than 3 part files, or all within 1 s",
-            files=len(watcher.seen), rows=rows,
-            tasks=[t["task"] for t in tasks], max_new_tokens=max_new_tokens, batch_size=config.inference.batch_size,
-            cpus=os.cpu_count(), preprocess_cpus=config.preprocess.num_cpus)
-        if sampler is None:
-            self.results.skipped(f"{name}_gpu_util", "no GPU: nvidia-smi is not sampled on the CPU run")
-        else:
-            span = (steady[1], steady[2]) if steady else sampler.busy_window()
-            util, samples = sampler.utilisation(*span) if span else (None, 0)
-            busy = sampler.busy_window()
-            self.results.emit(f"{name}_gpu_util", util, "%", basis="nvidia-smi samples between the first and last "
-                              "part file", samples=samples, all_samples=len(sampler.samples),
-                              busy_window_util=sampler.utilisation(*busy)[0] if busy else None,
-                              max_memory_mib=sampler.max_memory_mib)
+        sampler = GpuSampler() if self.cuda else None
+        watcher = PartFileWatcher(out)
+        summary = None
+        t0 = time.perf_counter()
+        try:
+            with ExitStack() as stack:
+                if sampler is not None:
+                    stack.enter_context(sampler)
+                stack.enter_context(watcher)
+                summary = run(config)
+        finally:
+            self.emit_rates(name, tasks, config, watcher, sampler, t0, summary)
         table = pq.ParquetDataset(sorted(str(p) for p in (out / "runs" / summary["run_id"]).glob("part-*.parquet")))
         table = table.read(columns=["image_id", "task", "status", "num_output_tokens"])
         keys = {k.rsplit("::", 1)[-1] for k in table["image_id"].to_pylist()}
@@ -220,7 +248,35 @@ class Check:
                           tasks=len(tasks), distinct_pairs=len(pairs), missing_images=len(wanted - keys),
                           rows_error=summary["rows_error"], new_tokens_mean=float(tokens.mean()),
                           new_tokens_min=int(tokens.min()))
-        return summary, value
+
+    def emit_rates(self, name: str, tasks: list[dict], config, watcher: PartFileWatcher, sampler: GpuSampler | None,
+                   t0: float, summary: dict | None) -> None:
+        """The job's steady rate and GPU utilisation; ``summary`` is None when the job did not finish."""
+        t1 = time.perf_counter()
+        steady = watcher.steady()
+        window = sorted(t for t, _ in watcher.seen.values())
+        per = "images" if len(tasks) == 1 else "rows"
+        rows = summary["rows_written"] if summary else sum(rows for _, rows in watcher.seen.values())
+        self.results.emit(
+            f"{name}_{per}_per_s", steady[0] if steady else None, f"{per}/s",
+            basis="part files committed after the first, per second", finished=summary is not None,
+            whole_run=rows / (t1 - t0) if summary else None, run_s=t1 - t0,
+            pipeline_wall_s=summary["wall_time_s"] if summary else None,
+            first_file_s=window[0] - t0 if window else None, last_file_s=window[-1] - t0 if window else None,
+            steady_not_measured=None if steady else "fewer than 3 part files, or all within 1 s",
+            files=len(watcher.seen), rows=rows,
+            tasks=[t["task"] for t in tasks], max_new_tokens=config.model.max_new_tokens,
+            batch_size=config.inference.batch_size, cpus=os.cpu_count(), preprocess_cpus=config.preprocess.num_cpus)
+        if sampler is None:
+            self.results.skipped(f"{name}_gpu_util", "no GPU: nvidia-smi is not sampled on the CPU run")
+            return
+        span = (steady[1], steady[2]) if steady else sampler.busy_window()
+        util, samples = sampler.utilisation(*span) if span else (None, 0)
+        busy = sampler.busy_window()
+        self.results.emit(f"{name}_gpu_util", util, "%", basis="nvidia-smi samples between the first and last "
+                          "part file", samples=samples, all_samples=len(sampler.samples),
+                          busy_window_util=sampler.utilisation(*busy)[0] if busy else None,
+                          max_memory_mib=sampler.max_memory_mib)
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -267,14 +323,7 @@ def section_model(ck: Check, soft: Deadline) -> None:
 
 
 def section_job(ck: Check, soft: Deadline) -> None:
-    images, tars = ck.args.images or ck.size("images"), ck.size("tars")
-    t0 = time.perf_counter()
-    ck.shards, ck.images = write_jpeg_shards(ck.workdir / "jpegs", images, tars), images
-    ck.results.emit("inputs_s", time.perf_counter() - t0, "s", images=images, tars=len(ck.shards), size="640x480",
-                    mib=sum(s.stat().st_size for s in ck.shards) / 1024**2)
-    if ck.model_dir is None:
-        raise RuntimeError("no checkpoint: the model section did not finish")
-    ck.run_job("job", ck.shards, [CAPTION], NEW_TOKENS)
+    ck.run_ray_section("job", ck.inputs())
 
 
 def section_sweep(ck: Check, soft: Deadline) -> None:
@@ -430,20 +479,50 @@ def section_pg2_448(ck: Check, soft: Deadline) -> None:
 
 
 def section_mix(ck: Check, soft: Deadline) -> None:
-    if not ck.shards or ck.model_dir is None:
-        raise RuntimeError("no inputs or no checkpoint: an earlier section did not finish")
-    per_tar = math.ceil(ck.images / len(ck.shards))
-    ck.run_job("mix", ck.shards[: max(1, ck.size("mix_images") // per_tar)], MIX_TASKS, MIX_NEW_TOKENS)
+    shards = ck.inputs()
+    per_tar = math.ceil(ck.images / len(shards))
+    ck.run_ray_section("mix", shards[: max(1, ck.size("mix_images") // per_tar)])
 
 
 SECTIONS = [("model", section_model), ("job", section_job), ("sweep", section_sweep),
             ("precisions", section_precisions), ("pg2_448", section_pg2_448), ("mix", section_mix)]
 
 
+def ray_section(args: argparse.Namespace) -> int:
+    """The process of one Ray section (``--ray-section SPEC``, from :meth:`Check.run_ray_section`): a Ray of its
+    own, the job, its lines appended to the check's results file.
+
+    Cut short (CUT_SHORT_SIGNAL) or failing, it writes what it has and leaves at once with ``os._exit``: Ray Data's
+    write thread may still be using Ray, and the parent kills the session anyway.
+    """
+
+    def cut_short(signum, frame):
+        raise SectionTimeout("cut short: the section's budget is spent")
+
+    signal.signal(CUT_SHORT_SIGNAL, cut_short)
+    spec = json.loads(args.ray_section)
+    name = spec["section"]
+    results = Results(args.out, t0=spec["t0"])
+    try:
+        ck = Check(args, results, Path(spec["workdir"]))
+        ck.model_dir = Path(spec["model_dir"])
+        ck.start_ray(name, process_ready_s=time.perf_counter() - spec["spawned_at"])
+        ck.run_job(name, [Path(s) for s in spec["shards"]], *RAY_JOBS[name])
+    except SectionTimeout:
+        os._exit(1)  # the parent writes the section's error line
+    except Exception as err:
+        results.error(name, err)
+        os._exit(REPORTED_ERROR)
+    import ray
+
+    ray.shutdown()
+    return 0
+
+
 def environment(ck: Check) -> None:
     import platform
+    from importlib.metadata import version
 
-    import ray
     import torch
     import transformers
 
@@ -455,50 +534,50 @@ def environment(ck: Check) -> None:
         bnb = f"unavailable: {type(err).__name__}: {err}"
     ck.results.emit("environment", torch.cuda.get_device_name(0) if ck.cuda else "cpu", None, tiny=ck.tiny,
                     python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-                    transformers=transformers.__version__, ray=ray.__version__, bitsandbytes=bnb,
+                    transformers=transformers.__version__, ray=version("ray"), bitsandbytes=bnb,
                     cpus=os.cpu_count(), workdir=str(ck.workdir), budget_s=ck.args.budget_s)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="every section on CPU with the tiny random model")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "out/gpu-check"),
                         help="folder for results.jsonl (default $OUT, else out/gpu-check)")
-    parser.add_argument("--budget-s", type=float, default=None, help="the whole check's time (default 420; tiny 280)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="the whole check's time (default: the sections' budgets added up, 420 s on the GPU)")
     parser.add_argument("--only", default=None, help="comma-separated sections to run (default all, in order)")
     parser.add_argument("--images", type=int, default=None, help="images in the job (default 4096; tiny 256)")
     parser.add_argument("--job-batch", type=lambda v: v if v == "auto" else int(v), default=None,
                         help="images per actor call, or auto (default 128; tiny 16)")
     parser.add_argument("--workdir", default=None, help="where checkpoints and inputs go (default: the temp dir)")
+    parser.add_argument("--ray-section", default=None, help=argparse.SUPPRESS)  # see ray_section()
     args = parser.parse_args(argv)
-    args.budget_s = args.budget_s or (280.0 if args.tiny else 420.0)
+    if args.ray_section:
+        return ray_section(args)
+    args.budget_s = args.budget_s or float(sum(b[1 if args.tiny else 0] for b in BUDGETS.values()))
     t_start = time.perf_counter()
     whole = Deadline(args.budget_s)
     results = Results(args.out)
-    ck = Check(args, results)
+    ck = Check(args, results, Path(tempfile.mkdtemp(prefix="pgb-gpu-check-", dir=args.workdir)), argv)
     environment(ck)
     wanted = set(args.only.split(",")) if args.only else {name for name, _ in SECTIONS}
-    try:
-        for name, section in SECTIONS:
-            if name not in wanted:
-                continue
-            budget = min(BUDGETS[name][1 if ck.tiny else 0], whole.left)
-            if budget < 10:
-                results.skipped(name, f"the check's {args.budget_s:.0f} s are spent")
-                continue
-            t0 = time.perf_counter()
-            try:
-                with hard_limit(budget):
-                    section(ck, Deadline(0.7 * budget))
-            except (Exception, SectionTimeout) as err:
-                results.error(name, err)
-                if isinstance(err, SectionTimeout):
-                    ck.stop_ray()  # a job cut short leaves its actor holding the GPU
-            finally:
-                ck.free()
-            results.emit("section_s", time.perf_counter() - t0, "s", section=name, budget_s=budget)
-    finally:
-        ck.stop_ray()
+    for name, section in SECTIONS:
+        if name not in wanted:
+            continue
+        budget = min(BUDGETS[name][1 if ck.tiny else 0], whole.left)
+        if budget < 10:
+            results.skipped(name, f"the check's {args.budget_s:.0f} s are spent")
+            continue
+        t0 = time.perf_counter()
+        try:
+            with hard_limit(budget):
+                section(ck, Deadline(0.7 * budget))
+        except (Exception, SectionTimeout) as err:
+            results.error(name, err)
+        finally:
+            ck.free()
+        results.emit("section_s", time.perf_counter() - t0, "s", section=name, budget_s=budget)
     results.emit("check_s", time.perf_counter() - t_start, "s", results=str(results.path))
     return 0
 

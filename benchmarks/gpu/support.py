@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import signal
 import subprocess
 import tarfile
@@ -30,17 +31,21 @@ PEAK_BF16_TFLOPS = 790.0  # measured on the H200 here: random 8192^3 bf16 matmul
 
 
 class Results:
-    """One JSON line per result in ``out_dir/results.jsonl``, flushed as it is written (a timeout keeps it)."""
+    """One JSON line per result in ``out_dir/results.jsonl``, flushed as it is written (a timeout keeps it).
 
-    def __init__(self, out_dir: Path):
+    ``at_s`` counts from ``t0`` (a ``perf_counter`` time, which every process on the machine shares), so the
+    lines a section's own process appends to the same file keep the check's clock.
+    """
+
+    def __init__(self, out_dir: Path, t0: float | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "results.jsonl"
         self._file = self.path.open("a")
-        self._t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if t0 is None else t0
 
     def emit(self, name: str, value, unit: str | None = None, **details) -> None:
         line = {"name": name, "value": _rounded(value), "unit": unit,
-                **{k: _rounded(v) for k, v in details.items()}, "at_s": round(time.perf_counter() - self._t0, 1)}
+                **{k: _rounded(v) for k, v in details.items()}, "at_s": round(time.perf_counter() - self.t0, 1)}
         text = json.dumps(line, default=str)
         self._file.write(text + "\n")
         self._file.flush()
@@ -85,6 +90,54 @@ def hard_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def wait_unreaped(pid: int, timeout_s: float | None = None) -> bool:
+    """Wait until child ``pid`` has exited, without reaping it (its pid, and so its session id, stays taken);
+    False if ``timeout_s`` passed first."""
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+        if end is not None and time.monotonic() >= end:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def kill_session(sid: int, timeout_s: float = 10.0) -> list[str]:
+    """SIGKILL every live process in session ``sid`` until none is left; the names of those killed.
+
+    A child started with ``start_new_session`` leads a session that all it starts keeps, Ray's daemons and
+    workers included (the workers take process groups of their own, and rename themselves ``ray::...``).
+    Call it while that child is still unreaped, so that no other process can hold ``sid``.
+    """
+    killed: dict[int, str] = {}
+    end = time.monotonic() + timeout_s
+    while (alive := _session_members(sid)) and time.monotonic() < end:
+        for pid, name in alive.items():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed[pid] = name
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    return sorted(killed.values())
+
+
+def _session_members(sid: int) -> dict[int, str]:
+    """The processes of session ``sid`` that are not zombies, pid -> name, read from ``/proc/PID/stat``."""
+    members = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone since the listing
+            continue
+        head, tail = stat.rsplit(")", 1)  # the name may hold spaces and ")"
+        state, _ppid, _pgrp, session = tail.split()[:4]
+        if int(session) == sid and state not in "ZX":
+            members[int(entry.name)] = head.split("(", 1)[1]
+    return members
 
 
 class Deadline:
