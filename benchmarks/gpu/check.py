@@ -16,7 +16,8 @@ its error and the check moves on. The two Ray sections (``job``, ``mix``) each r
 in a session of their own, with a Ray of their own: on overrun the check kills that session and whatever Ray
 started in it, and nothing of that Ray is left to the later sections. Generation length is forced by
 suppressing ``<eos>`` in the random checkpoint's generation config (random weights stop at random places), so
-every row gets ``max_new_tokens``.
+every row gets ``max_new_tokens``. The work folder (checkpoint, inputs, job outputs) goes at the end unless
+``--keep-workdir``.
 
     bash benchmarks/gpu/run.sh --out "$OUT"     # on the GPU machine
     bash benchmarks/gpu/run.sh --tiny           # every section on CPU with the tiny random model
@@ -29,6 +30,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +76,7 @@ MASK_DECODER = Path(__file__).resolve().parents[2] / "paligemma_batch/fixtures/a
 # loaded, shared 2-core machine, where a Ray section's process start and Ray's start took up to a minute.
 BUDGETS = {"model": (60, 60), "job": (110, 240), "sweep": (45, 60), "precisions": (100, 90), "pg2_448": (50, 45),
            "mix": (55, 180)}
+CHECKPOINT_USERS = {"job", "sweep", "precisions", "mix"}  # ``--only`` adds ``model`` to any of these
 RAY_JOBS = {"job": ([CAPTION], NEW_TOKENS), "mix": (MIX_TASKS, MIX_NEW_TOKENS)}  # section -> tasks, new tokens
 CUT_SHORT_SIGNAL = signal.SIGUSR1  # to a Ray section's process: the budget is spent, write what you measured
 CUT_SHORT_GRACE_S = 5.0
@@ -196,7 +199,8 @@ class Check:
 
         t0 = time.perf_counter()
         ray.init(num_cpus=os.cpu_count(), num_gpus=self.num_gpus, include_dashboard=False, logging_level="WARNING",
-                 object_store_memory=(512 if self.tiny else 8192) * 1024**2, _temp_dir=str(self.workdir / f"ray-{name}"))
+                 object_store_memory=(512 if self.tiny else 8192) * 1024**2,
+                 _temp_dir=str(self.workdir / f"ray-{name}"))
         self.results.emit("ray_start_s", time.perf_counter() - t0, "s", section=name, cpus=os.cpu_count(),
                           gpus=self.num_gpus, process_ready_s=process_ready_s)
 
@@ -519,7 +523,7 @@ def ray_section(args: argparse.Namespace) -> int:
     return 0
 
 
-def environment(ck: Check) -> None:
+def environment(ck: Check, sections: list[str]) -> None:
     import platform
     from importlib.metadata import version
 
@@ -535,50 +539,84 @@ def environment(ck: Check) -> None:
     ck.results.emit("environment", torch.cuda.get_device_name(0) if ck.cuda else "cpu", None, tiny=ck.tiny,
                     python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                     transformers=transformers.__version__, ray=version("ray"), bitsandbytes=bnb,
-                    cpus=os.cpu_count(), workdir=str(ck.workdir), budget_s=ck.args.budget_s)
+                    cpus=os.cpu_count(), workdir=str(ck.workdir), budget_s=ck.args.budget_s, sections=sections)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def section_budget(text: str) -> tuple[str, float]:
+    """``NAME=SECONDS`` of ``--section-budget``."""
+    name, _, seconds = text.partition("=")
+    if name not in BUDGETS:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a section ({', '.join(BUDGETS)})")
+    try:
+        return name, float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{seconds!r} is not a number of seconds") from None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="every section on CPU with the tiny random model")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "out/gpu-check"),
                         help="folder for results.jsonl (default $OUT, else out/gpu-check)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="the whole check's time (default: the sections' budgets added up, 420 s on the GPU)")
-    parser.add_argument("--only", default=None, help="comma-separated sections to run (default all, in order)")
+    parser.add_argument("--section-budget", type=section_budget, action="append", default=[],
+                        metavar="NAME=SECONDS", help="one section's budget, e.g. job=30 (repeatable)")
+    parser.add_argument("--only", default=None, help="comma-separated sections to run, in the check's order; "
+                        f"model comes too with any of {', '.join(sorted(CHECKPOINT_USERS))}")
     parser.add_argument("--images", type=int, default=None, help="images in the job (default 4096; tiny 256)")
     parser.add_argument("--job-batch", type=lambda v: v if v == "auto" else int(v), default=None,
                         help="images per actor call, or auto (default 128; tiny 16)")
-    parser.add_argument("--workdir", default=None, help="where checkpoints and inputs go (default: the temp dir)")
+    parser.add_argument("--workdir", default=None, help="where the work folder goes (default: the temp dir)")
+    parser.add_argument("--keep-workdir", action="store_true",
+                        help="keep the work folder (checkpoint, inputs, job outputs, Ray logs); default: delete it")
     parser.add_argument("--ray-section", default=None, help=argparse.SUPPRESS)  # see ray_section()
     args = parser.parse_args(argv)
+    names = [name for name, _ in SECTIONS]
+    args.budgets = {name: b[1 if args.tiny else 0] for name, b in BUDGETS.items()} | dict(args.section_budget)
+    args.budget_s = args.budget_s or float(sum(args.budgets.values()))
+    wanted = set(args.only.split(",")) if args.only else set(names)
+    if wanted - set(names):
+        parser.error(f"--only: unknown {', '.join(sorted(wanted - set(names)))}; sections: {', '.join(names)}")
+    if wanted & CHECKPOINT_USERS:
+        wanted.add("model")
+    args.sections = [name for name in names if name in wanted]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     if args.ray_section:
         return ray_section(args)
-    args.budget_s = args.budget_s or float(sum(b[1 if args.tiny else 0] for b in BUDGETS.values()))
     t_start = time.perf_counter()
     whole = Deadline(args.budget_s)
     results = Results(args.out)
-    ck = Check(args, results, Path(tempfile.mkdtemp(prefix="pgb-gpu-check-", dir=args.workdir)), argv)
-    environment(ck)
-    wanted = set(args.only.split(",")) if args.only else {name for name, _ in SECTIONS}
-    for name, section in SECTIONS:
-        if name not in wanted:
-            continue
-        budget = min(BUDGETS[name][1 if ck.tiny else 0], whole.left)
-        if budget < 10:
-            results.skipped(name, f"the check's {args.budget_s:.0f} s are spent")
-            continue
-        t0 = time.perf_counter()
-        try:
-            with hard_limit(budget):
-                section(ck, Deadline(0.7 * budget))
-        except (Exception, SectionTimeout) as err:
-            results.error(name, err)
-        finally:
-            ck.free()
-        results.emit("section_s", time.perf_counter() - t0, "s", section=name, budget_s=budget)
-    results.emit("check_s", time.perf_counter() - t_start, "s", results=str(results.path))
+    workdir = Path(tempfile.mkdtemp(prefix="pgb-gpu-check-", dir=args.workdir))
+    try:
+        ck = Check(args, results, workdir, argv)
+        environment(ck, args.sections)
+        for name, section in SECTIONS:
+            if name not in args.sections:
+                continue
+            budget = min(args.budgets[name], whole.left)
+            if budget < 10:
+                results.skipped(name, f"the check's {args.budget_s:.0f} s are spent")
+                continue
+            t0 = time.perf_counter()
+            try:
+                with hard_limit(budget):
+                    section(ck, Deadline(0.7 * budget))
+            except (Exception, SectionTimeout) as err:
+                results.error(name, err)
+            finally:
+                ck.free()
+            results.emit("section_s", time.perf_counter() - t0, "s", section=name, budget_s=budget)
+    finally:
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results.emit("check_s", time.perf_counter() - t_start, "s", results=str(results.path),
+                 workdir=str(workdir) if args.keep_workdir else "deleted")
     return 0
 
 
