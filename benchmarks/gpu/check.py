@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -44,7 +44,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-warnings.filterwarnings("ignore", message="MatMul8bitLt")  # bitsandbytes repeats it on every int8 call
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(  # it logs this on every int8 call
+    lambda record: not record.getMessage().startswith("MatMul8bitLt"))
 
 from support import (  # noqa: E402
     PEAK_BF16_TFLOPS,
