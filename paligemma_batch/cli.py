@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import sys
+import threading
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 import yaml
@@ -305,12 +309,27 @@ def main() -> None:
     """The console entry point: expected failures print one ``error:`` line (exit 2); ``--debug`` shows tracebacks."""
     try:
         app()
+    except SystemExit as done:  # how every command ends
+        _exit(done.code)
     except Exception as err:
         if DEBUG["on"]:
             raise
         line, status = _error_line(err)
         typer.echo(line, err=True)
-        raise SystemExit(status) from None
+        _exit(status)
+
+
+def _exit(code: int | str | None) -> NoReturn:
+    """End the process without the interpreter's teardown of every module it loaded (about 0.5 s once Ray and
+    pyarrow are in): the output is flushed and the exit hooks (logging, temporary files, a Ray connection's
+    shutdown) run first. A thread that is still running gets the normal exit, which waits for it."""
+    if not isinstance(code, int) or any(t.is_alive() and not t.daemon for t in threading.enumerate()
+                                        if t is not threading.main_thread()):
+        raise SystemExit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Entry point for ``ray job submit``: run one annotation job on the cluster it was submitted to.
 
-    ray job submit --address http://HEAD:8265 -- python pipelines/annotate.py --config configs/job.yaml
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python pipelines/annotate.py --config configs/job.yaml
 
-Ray sets ``RAY_ADDRESS`` for the entrypoint, so the job joins that cluster (a ``ray.address`` in the config
-wins). Rerunning the same command resumes the config's unfinished run. Exit status: 0 finished or nothing to
-do, 1 the job failed (the cause is printed), 2 the config has problems (one line per problem).
+``--working-dir .`` uploads the checkout, and the entry point runs on the head node inside that copy, so the
+relative paths are the submitter's files. Ray sets ``RAY_ADDRESS`` for the entrypoint, so the job joins that
+cluster (a ``ray.address`` in the config wins). Rerunning the same command resumes the config's unfinished
+run. Exit status: 0 finished or nothing to do, 1 the job failed (the cause is printed), 2 the config has
+problems (one line per problem).
 """
 
 from __future__ import annotations

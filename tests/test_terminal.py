@@ -7,6 +7,9 @@ import re
 import subprocess
 import sys
 import time
+import uuid
+
+from exactly_once import processes_with_env
 
 RAY_LINES = (" INFO ", "streaming_executor", "core_worker", "logging_progress")
 
@@ -54,11 +57,15 @@ def test_in_a_pseudo_terminal_progress_shows_images_before_the_report_and_no_ray
     assert not [line for line in shown.splitlines() if any(r in line for r in RAY_LINES)], shown[-3000:]
 
 
-def test_without_a_terminal_progress_lines_come_at_the_configured_interval(tmp_path, tiny_model_dir, scene_shards):
+def test_without_a_terminal_progress_lines_come_at_the_configured_interval_and_no_ray_process_outlives_the_run(
+        tmp_path, tiny_model_dir, scene_shards):
+    marker = uuid.uuid4().hex  # inherited by every process of the local Ray the command starts
     proc = subprocess.Popen(_cli("run", str(_job_file(tmp_path, tiny_model_dir, scene_shards, progress_interval_s=1))),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PGB_TEST_RUN": marker})
     stamped = [(time.monotonic(), line) for line in proc.stdout]
     assert proc.wait(timeout=300) == 0
+    assert processes_with_env("PGB_TEST_RUN", marker) == []  # no raylet, GCS, agent or worker left running
     lines = [(t, line) for t, line in stamped if line.startswith("progress: ")]
     assert len(lines) >= 3, "".join(line for _, line in stamped)
     gaps = [b[0] - a[0] for a, b in zip(lines[:-2], lines[1:-1])]  # the last line comes at the end

@@ -12,11 +12,14 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+import psutil
 import ray
+from ray._private import ray_constants
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from paligemma_batch.config import JobConfig
@@ -44,6 +47,42 @@ def init_ray(config: JobConfig) -> bool:
     else:
         ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, **kwargs)
     return True
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray; a local Ray this process started stops at once, leaving no process behind.
+
+    The job's files are committed by now, so nothing waits on Ray's graceful teardown. ``ray.shutdown`` stops
+    the GCS before the autoscaler monitor, whose SIGTERM handler then reports to the dead GCS until Ray's
+    one-second grace runs out (about 1.0 s of its 1.2 s): the monitor is killed first. The raylet still gets its
+    SIGTERM, on which it stops its agents (killed outright, it would leave them running). A worker that was
+    already exiting on its own, such as a released model actor tearing down torch, is no longer tracked by the
+    raylet and would outlive this process by a second or two: it is killed.
+    """
+    node = ray._private.worker._global_node  # None, or a connect-only node (no processes) when joined to a cluster
+    started = node.all_processes if node else {}
+    workers: list[psutil.Process] = []
+    for info in started.get(ray_constants.PROCESS_TYPE_RAYLET, []):
+        with contextlib.suppress(psutil.NoSuchProcess):  # a raylet that died with the job has none
+            workers += psutil.Process(info.process.pid).children(recursive=True)
+    for info in started.get(ray_constants.PROCESS_TYPE_MONITOR, []):
+        info.process.kill()
+    ray.shutdown()
+    alive = [proc for proc in workers if not _exited(proc)]
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    deadline = time.monotonic() + 5
+    while not all(_exited(proc) for proc in alive) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _exited(proc: psutil.Process) -> bool:
+    """Gone, or a zombie: it has exited and waits only for its new parent (init, which may be slow) to reap it."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def connected_resources(config: JobConfig) -> dict[str, float]:
@@ -231,5 +270,5 @@ def _execute(config: JobConfig, store: OutputStore, plan: RunPlan, terminal: Tex
         ) from err
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
     return sink.stats
