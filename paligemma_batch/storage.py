@@ -40,7 +40,7 @@ def iter_files(fs: fsspec.AbstractFileSystem, root: str, maxdepth: int | None = 
     prefix, or one level with ``maxdepth=1``), so memory holds what the caller keeps; elsewhere they come from one
     ``find``, and the filesystem's listing cache is cleared after it.
     """
-    root = root.rstrip("/")
+    root = root.rstrip("/") or root
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if "s3" not in protocols or not root:
         try:
