@@ -334,7 +334,7 @@ def job(images: int, tars: int, workdir: Path) -> dict:
         "mode": "job", "images": images, "tars": len(shards), "tasks": len(config.tasks), "actors": actors,
         "rows_per_file": rows_per_file, "kill_at_rows": rows // 2, "first": first, "second": second,
         "images_per_s": round(images / (first["wall_s"] + second["wall_s"]), 1),
-        "rows_redone": first["rows_committed_at_kill"] + second["rows_written"] - rows,
+        "committed_rows_written_again": first["rows_committed_at_kill"] + second["rows_written"] - rows,
         "attempts": record.attempts, "keys": len(got), "duplicate_rows": sum(n - 1 for n in got.values()),
         "missing_keys": len(expected - got.keys()), "unexpected_keys": len(got.keys() - expected),
         "exactly_once": got.keys() == expected and all(n == 1 for n in got.values()),
