@@ -206,8 +206,7 @@ def plan_run(config: JobConfig, store: OutputStore, shards: list[str]) -> RunPla
     if unfinished:
         return _resume_plan(config, store, unfinished[-1])
     if config.output.mode == "incremental":
-        covered = store.covered([r for r in index if r.status == "finished"])
-        shards = [s for s in shards if s not in covered]
+        shards = store.uncovered([r for r in index if r.status == "finished"], shards)
     members = reader_for(config.input).group(shards)
     if members:
         shards = list(members)
@@ -231,7 +230,7 @@ def _resume_plan(config: JobConfig, store: OutputStore, record: RunRecord) -> Ru
     todo = [s for s in record.shards if s not in finished]
     todo_set = set(todo)
     done_keys = {key for key, shard in progress.keys.items() if shard in todo_set}
-    members = {s: files for s, files in store.run_members(record.run_id).items() if s in todo_set}
+    members = store.run_members(record.run_id, todo_set)
     record.attempts += 1
     return RunPlan(record, todo, True, done_keys, progress.files, progress.stats, members)
 

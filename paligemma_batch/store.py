@@ -6,8 +6,10 @@ Layout under the output root::
 
     _RUNS.json                      the run index: one small record per run (status, attempts, rows, times)
     _SUMMARY.json                   the summary of the latest finished run
-    runs/RUN_ID/_SHARDS.json        the run's shards, written once when it starts (for image folders, the
-                                    files of each group and their key sum)
+    runs/RUN_ID/_SHARDS.json        the run's shards, written once when it starts (for image folders, each
+                                    group's size and key sum)
+    runs/RUN_ID/_GROUPS.parquet     an image-folder run's groups: (group, file) rows, written once with
+                                    _SHARDS.json; read only for covered files and the groups a resume reads again
     runs/RUN_ID/part-aN-*.parquet   rows written by attempt N, each file whole or not at all; its footer's
                                     key-value metadata holds its statistics (paligemma_batch.stats)
     runs/RUN_ID/_shards/H-R-K.json  a shard read to its end: H hashes its URI, R rows, K their key sum; read
@@ -35,10 +37,12 @@ import json
 import logging
 import posixpath
 import uuid
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -54,6 +58,8 @@ INDEX_FILE = "_RUNS.json"
 SUMMARY_FILE = "_SUMMARY.json"
 MANIFEST_FILE = "_MANIFEST.json"
 SHARD_LIST_FILE = "_SHARDS.json"
+GROUPS_FILE = "_GROUPS.parquet"
+GROUPS_ROW_GROUP = 1 << 16  # files per Parquet row group of _GROUPS.parquet: a resume reads only those it needs
 SHARDS_DIR = "_shards"
 KEY_COLUMNS = ["image_id", "task"]
 FOOTER_BLOCK = 1 << 16  # bytes fetched to read a part file's footer on object storage
@@ -210,18 +216,31 @@ class OutputStore:
         self.write_json(self.path(INDEX_FILE), {"runs": small})
 
     def upsert_run(self, record: RunRecord, members: dict[str, list[str]] | None = None) -> None:
-        """Add or update ``record`` in the index; a run's shard list is written once, the first time."""
+        """Add or update ``record`` in the index; a run's shard list (and groups) is written once, the first time."""
         if not self.fs.exists(self.run_path(record.run_id, SHARD_LIST_FILE)):
             self.write_shard_list(record.run_id, record.shards, members or {})
         self.write_index([r for r in self.read_index(with_shards=False) if r.run_id != record.run_id] + [record])
 
     def write_shard_list(self, run_id: str, shards: list[str], members: dict[str, list[str]]) -> None:
-        """The run's shards, written once; an image-folder group (``members``) also records its files and their
-        key sum (its size is its file count)."""
-        groups = {s: {"files": members[s], "keysum": f"{keysum(members[s]):016x}"} for s in shards if s in members}
+        """The run's shards, written once. An image-folder run's groups (``members``: group id -> files) go to
+        ``_GROUPS.parquet``, written first; ``_SHARDS.json`` keeps each group's size and key sum only."""
+        groups = {s: {"size": len(members[s]), "keysum": f"{keysum(members[s]):016x}"} for s in shards if s in members}
+        if groups:
+            self._write_groups(run_id, {s: members[s] for s in groups})
         self.write_bytes(self.run_path(run_id, SHARD_LIST_FILE),
                          json.dumps({"shards": shards, "groups": groups}, ensure_ascii=False,
                                     separators=(",", ":")).encode())
+
+    def _write_groups(self, run_id: str, members: dict[str, list[str]]) -> None:
+        """``_GROUPS.parquet``: one (group, file) row per file, in group order; the group column dictionary-encoded."""
+        ids = pa.array(list(members))
+        sizes = np.fromiter(map(len, members.values()), np.int64, len(members))
+        index = pa.array(np.repeat(np.arange(len(members), dtype=np.int32), sizes))
+        table = pa.table({"group": pa.DictionaryArray.from_arrays(index, ids),
+                          "file": pa.array([f for files in members.values() for f in files], pa.string())})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd", row_group_size=GROUPS_ROW_GROUP)
+        self.write_bytes(self.run_path(run_id, GROUPS_FILE), buf.getvalue())
 
     def _shard_list(self, run_id: str) -> dict[str, Any]:
         return self.read_json(self.run_path(run_id, SHARD_LIST_FILE)) or {"shards": [], "groups": {}}
@@ -230,19 +249,47 @@ class OutputStore:
         """The run's shard URIs (or group ids), in order."""
         return self._shard_list(run_id)["shards"]
 
-    def run_members(self, run_id: str) -> dict[str, list[str]]:
-        """An image-folder run's groups: group id -> its files ({} for other formats)."""
-        return {s: g["files"] for s, g in self._shard_list(run_id)["groups"].items()}
+    def run_members(self, run_id: str, groups: set[str]) -> dict[str, list[str]]:
+        """The files of the run's image-folder groups among ``groups`` (group id -> files, in order). Only the row
+        groups of ``_GROUPS.parquet`` whose range of group ids holds one of them are read."""
+        wanted = sorted(groups)
+        if not wanted:
+            return {}
+        try:
+            f = self.fs.open(self.run_path(run_id, GROUPS_FILE), "rb")
+        except FileNotFoundError:
+            return {}
+        with f:
+            parquet = pq.ParquetFile(f)
+            needed = []
+            for i in range(parquet.num_row_groups):
+                stats = parquet.metadata.row_group(i).column(0).statistics
+                if stats is None or not stats.has_min_max:
+                    needed.append(i)
+                    continue
+                first = bisect_left(wanted, stats.min)
+                if first < len(wanted) and wanted[first] <= stats.max:
+                    needed.append(i)
+            table = parquet.read_row_groups(needed)
+        members: dict[str, list[str]] = {}
+        for group, file in zip(table["group"].to_pylist(), table["file"].to_pylist()):
+            if group in groups:
+                members.setdefault(group, []).append(file)
+        return members
 
-    def covered(self, records: list[RunRecord]) -> set[str]:
-        """Every shard, and every file of an image-folder group, that one of ``records`` covers."""
-        out: set[str] = set()
+    def uncovered(self, records: list[RunRecord], uris: list[str]) -> list[str]:
+        """The ``uris`` (in order) that no run of ``records`` covers: neither one of its shards nor a file of one of
+        its image-folder groups, read from its ``_GROUPS.parquet`` a batch of files at a time."""
+        remaining = set(uris)
         for record in records:
-            listed = self._shard_list(record.run_id)
-            groups = listed["groups"]
-            for shard in listed["shards"] or record.shards:
-                out.update(groups[shard]["files"] if shard in groups else (shard,))
-        return out
+            shard_list = self._shard_list(record.run_id)
+            if not shard_list["groups"]:
+                remaining.difference_update(shard_list["shards"] or record.shards)
+                continue
+            with self.fs.open(self.run_path(record.run_id, GROUPS_FILE), "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(GROUPS_ROW_GROUP, columns=["file"]):
+                    remaining.difference_update(batch.column(0).to_pylist())
+        return [uri for uri in uris if uri in remaining]
 
     # -- part files and progress -----------------------------------------------------------------------------
 
@@ -371,7 +418,7 @@ class OutputStore:
         shard is not in the run's shard list)."""
         listed = self._shard_list(run_id)
         groups = listed["groups"]
-        marks = {s: ShardMark(len(g["files"]), int(g["keysum"], 16)) for s, g in groups.items()}
+        marks = {s: ShardMark(g["size"], int(g["keysum"], 16)) for s, g in groups.items()}
         by_digest = {hashlib.sha256(s.encode()).hexdigest()[:32]: s for s in listed["shards"] if s not in groups}
         unknown = []
         for path in self._listing(RUNS_DIR, run_id, SHARDS_DIR):

@@ -89,3 +89,26 @@ def test_every_listed_image_decodes(tmp_path):
         buf = io.BytesIO()
         Image.new("RGB", (6, 4), (10, 20, 30)).save(buf, fmt)
         assert decode_image(buf.getvalue(), (8, 8)).width == 6, fmt
+
+
+def test_s3_globs_and_folders_list_what_fsspec_globs_and_keep_no_listing(s3_bucket, s3_endpoint):
+    from paligemma_batch.config import StorageOptions
+    from paligemma_batch.storage import filesystem
+
+    fs, bucket = s3_bucket
+    keys = ["a/1.tar", "a/2.TAR", "a/x.txt", "a/_hidden.tar", "a/deep/3.tar", "a/deep/er/4.tar.gz", "a/deep/er/y",
+            "b/5.tar", "b/deep/6.tar", "ab.tar"]
+    fs.pipe({f"{bucket}/{k}": b"" for k in keys})
+    storage = StorageOptions(endpoint_url=s3_endpoint, key="testing", secret="testing")
+
+    def shards(uri: str) -> list[str]:
+        return list_shards(InputConfig(uri=f"s3://{bucket}/{uri}", storage_options=storage))
+
+    for pattern in ("a/*", "a/**", "a/**/*.tar", "*/deep/*", "a/?.tar", "a/[12].*", "a*", "a/deep/*/*"):
+        globbed = [f"s3://{p}" for p in fs.glob(f"{bucket}/{pattern}") if not fs.isdir(p)]
+        assert shards(pattern) == sorted(p for p in globbed if p.lower().endswith((".tar", ".tar.gz"))), pattern
+    folder = list_shards(InputConfig(uri=[f"s3://{bucket}/a/", f"s3://{bucket}/b/5.tar"], storage_options=storage))
+    assert folder == [f"s3://{bucket}/{k}" for k in ("a/1.tar", "a/2.TAR", "a/deep/3.tar", "a/deep/er/4.tar.gz",
+                                                      "b/5.tar")]  # recursive, "_" files left out
+    assert folder.skipped == {"txt": 1, "(none)": 1}
+    assert filesystem(f"s3://{bucket}/a", storage)[0].dircache == {}  # the listing is not kept

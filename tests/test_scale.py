@@ -4,6 +4,7 @@ without reading every key, image folders in groups, incremental runs over many r
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from conftest import job_config
 from paligemma_batch.config import InputConfig, StorageOptions
@@ -124,6 +125,30 @@ def test_image_folder_of_2500_files_is_3_shards_grouped_the_same_on_a_rerun(tmp_
     _folder(folder / "later", ["a.png", "b.png"])  # files added later form a new group in incremental mode
     later = plan_run(config, store, list_shards(config.input))
     assert not later.resumed and list(later.members.values()) == [[str(folder / "later" / n) for n in ("a.png", "b.png")]]
+
+
+def test_image_folder_groups_go_to_parquet_and_an_incremental_run_skips_their_files(tmp_path):
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _folder(folder, [f"img-{i}.png" for i in range(5)])
+    config = job_config(tmp_path / "model", str(folder), str(out),
+                        input={"uri": str(folder), "format": "images", "files_per_shard": 2},
+                        output={"uri": str(out), "mode": "incremental"})
+    store = OutputStore(str(out), StorageOptions())
+    plan = plan_run(config, store, list_shards(config.input))
+    store.upsert_run(plan.record, plan.members)
+    run_dir = out / "runs" / plan.run_id
+    groups = pq.read_table(run_dir / "_GROUPS.parquet").to_pydict()
+    assert list(zip(groups["group"], groups["file"])) == [(g, f) for g, files in plan.members.items() for f in files]
+    shard_list = (run_dir / "_SHARDS.json").read_text()
+    assert [f for files in plan.members.values() for f in files[1:] if f in shard_list] == []  # ids, sizes, sums
+    second = list(plan.members)[1]
+    assert store.run_members(plan.run_id, {second}) == {second: plan.members[second]}
+
+    plan.record.status = "finished"
+    store.upsert_run(plan.record)
+    _folder(folder, ["img-5.png"])
+    later = plan_run(config, store, list_shards(config.input))
+    assert list(later.members.values()) == [[str(folder / "img-5.png")]]
 
 
 def test_a_group_reads_its_files_in_order_attributed_to_the_group(tmp_path):

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import fsspec
+from fsspec.utils import glob_translate
 
 from paligemma_batch.config import InputConfig
 from paligemma_batch.images import image_extensions
-from paligemma_batch.storage import filesystem, full_uri, is_local
+from paligemma_batch.storage import filesystem, full_uri, is_local, iter_files
 
 KEY_SEPARATOR = "::"
 
@@ -142,6 +143,14 @@ def expand_braces(pattern: str) -> list[str]:
     return [pattern]
 
 
+def _glob_root(path: str) -> tuple[str, int | None]:
+    """The folder a glob's matches lie under (up to its first wildcard) and how many levels below it (None: any,
+    for ``**``), as fsspec's ``glob`` decides them."""
+    head = path[:min(i for i in (path.find(c) for c in "*?[") if i >= 0)]
+    root = head[:head.rindex("/") + 1] if "/" in head else ""
+    return root, None if "**" in path else path[len(root):].count("/") + 1
+
+
 def _kinds(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, str | None]:
     """``file``, ``directory`` or None (missing) for each path, listing each parent folder once."""
     by_parent: dict[str, dict[str, str]] = {}
@@ -188,7 +197,8 @@ class Reader:
         Brace ranges and lists (``{000..099}``, ``{a,b}``) expand first; globs (``**`` too) expand to what exists
         now; a folder lists its files recursively. A plain URI of a file is kept even when missing, so that it
         becomes an error row rather than silently vanishing (``missing`` names it). Files of a folder or glob
-        without one of this format's extensions are counted by extension in ``skipped``.
+        without one of this format's extensions are counted by extension in ``skipped``. Folders and globs are
+        listed without holding the listing (:func:`~paligemma_batch.storage.iter_files`): memory holds the URIs.
         """
         cfg = self.cfg
         uris = [cfg.uri] if isinstance(cfg.uri, str) else list(cfg.uri)
@@ -202,34 +212,36 @@ class Reader:
                 path = fs._strip_protocol(uri)
                 path = path.rstrip("/") if is_local(fs) or "://" in uri else path
                 if any(c in path for c in "*?["):
-                    self._take(fs, fs.glob(path, detail=True), found, listing)
+                    root, depth = _glob_root(path)
+                    matches = re.compile(glob_translate(path)).match
+                    for file in iter_files(fs, root, depth):
+                        if matches(file):
+                            self._take(fs, file, found, listing)
                 else:
                     plain.append(path)
             for path, kind in _kinds(fs, plain).items():
                 if kind == "directory":
-                    files = {p: info for p, info in fs.find(path, detail=True).items()
-                             if not posixpath.basename(p).startswith((".", "_"))}
-                    self._take(fs, files, found, listing)
+                    for file in iter_files(fs, path):
+                        if not posixpath.basename(file).startswith((".", "_")):
+                            self._take(fs, file, found, listing)
                 else:
                     found.add(full_uri(fs, path))
                     if kind is None:
                         listing.missing.append(full_uri(fs, path))
+            fs.invalidate_cache()  # the parent listings of plain URIs: no listing outlives this call
         listing.extend(sorted(found))
+        listing.skipped_paths.sort()
         return listing
 
-    def _take(self, fs: fsspec.AbstractFileSystem, entries: dict[str, dict], found: set[str],
-              listing: ShardList) -> None:
-        """Add the shards among a folder's or glob's files (path -> fsspec info); count the others by extension."""
-        for p, info in entries.items():
-            if info.get("type") == "directory":
-                continue
-            if self.claims(p):
-                found.add(full_uri(fs, p))
-            else:
-                base = posixpath.basename(p)
-                ext = base.rpartition(".")[2].lower() if "." in base else "(none)"
-                listing.skipped[ext] = listing.skipped.get(ext, 0) + 1
-                listing.skipped_paths.append(full_uri(fs, p))
+    def _take(self, fs: fsspec.AbstractFileSystem, path: str, found: set[str], listing: ShardList) -> None:
+        """Add a listed file to the shards if it is one; otherwise count it by extension."""
+        if self.claims(path):
+            found.add(full_uri(fs, path))
+            return
+        base = posixpath.basename(path)
+        ext = base.rpartition(".")[2].lower() if "." in base else "(none)"
+        listing.skipped[ext] = listing.skipped.get(ext, 0) + 1
+        listing.skipped_paths.append(full_uri(fs, path))
 
     def group(self, uris: list[str]) -> dict[str, list[str]]:
         """Shards made of several listed files (group id -> files, in order); {}: each listed URI is a shard."""
