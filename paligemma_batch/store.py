@@ -243,7 +243,16 @@ class OutputStore:
         self.write_bytes(self.run_path(run_id, GROUPS_FILE), buf.getvalue())
 
     def _shard_list(self, run_id: str) -> dict[str, Any]:
-        return self.read_json(self.run_path(run_id, SHARD_LIST_FILE)) or {"shards": [], "groups": {}}
+        listed = self.read_json(self.run_path(run_id, SHARD_LIST_FILE)) or {"shards": [], "groups": {}}
+        for group in listed["groups"].values():  # roots written before _GROUPS.parquet list each group's files here
+            group.setdefault("size", len(group.get("files", ())))
+        return listed
+
+    @staticmethod
+    def _inline_members(listed: dict[str, Any]) -> dict[str, list[str]] | None:
+        """The groups of an older run, whose ``_SHARDS.json`` (``listed``) holds their files; None when the run has
+        ``_GROUPS.parquet``."""
+        return {s: g["files"] for s, g in listed["groups"].items() if "files" in g} or None
 
     def run_shards(self, run_id: str) -> list[str]:
         """The run's shard URIs (or group ids), in order."""
@@ -258,7 +267,8 @@ class OutputStore:
         try:
             f = self.fs.open(self.run_path(run_id, GROUPS_FILE), "rb")
         except FileNotFoundError:
-            return {}
+            return {s: files for s, files in (self._inline_members(self._shard_list(run_id)) or {}).items()
+                    if s in groups}
         with f:
             parquet = pq.ParquetFile(f)
             needed = []
@@ -285,6 +295,10 @@ class OutputStore:
             shard_list = self._shard_list(record.run_id)
             if not shard_list["groups"]:
                 remaining.difference_update(shard_list["shards"] or record.shards)
+                continue
+            inline = self._inline_members(shard_list)
+            if inline is not None:
+                remaining.difference_update(f for files in inline.values() for f in files)
                 continue
             with self.fs.open(self.run_path(record.run_id, GROUPS_FILE), "rb") as f:
                 for batch in pq.ParquetFile(f).iter_batches(GROUPS_ROW_GROUP, columns=["file"]):

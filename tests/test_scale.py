@@ -194,3 +194,28 @@ def test_resume_on_s3_reads_metadata_not_rows(s3_bucket, s3_endpoint):
         assert len(progress.rejected) == 1 and progress.keys_read_from == 4
     # 5 part files: a footer each, keys from the 4 holding b or c, the shard list and listings; nothing per row.
     assert gets[400] == gets[40] <= 5 * 2 + 4 * 2 + 6, gets
+
+
+def test_a_root_written_before_groups_went_to_parquet_still_resumes_and_skips_covered_files(tmp_path):
+    """Older runs list each group's files in ``_SHARDS.json``: sizes, members and covered files come from there."""
+    import json
+
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _folder(folder, [f"img-{i}.png" for i in range(5)])
+    config = job_config(tmp_path / "model", str(folder), str(out),
+                        input={"uri": str(folder), "format": "images", "files_per_shard": 2},
+                        output={"uri": str(out), "mode": "incremental"})
+    store = OutputStore(str(out), StorageOptions())
+    plan = plan_run(config, store, list_shards(config.input))
+    store.upsert_run(plan.record, plan.members)
+    run_dir = out / "runs" / plan.run_id
+    (run_dir / "_GROUPS.parquet").unlink()
+    (run_dir / "_SHARDS.json").write_text(json.dumps({"shards": list(plan.members), "groups": {
+        s: {"files": files, "keysum": f"{keysum(files):016x}"} for s, files in plan.members.items()}}))
+    first, last = list(plan.members)[0], list(plan.members)[-1]
+    assert store.shard_marks(plan.run_id)[first].rows == 2 and store.shard_marks(plan.run_id)[last].rows == 1
+    assert store.run_members(plan.run_id, {last}) == {last: plan.members[last]}
+    plan.record.status = "finished"
+    store.upsert_run(plan.record)
+    _folder(folder, ["img-5.png"])
+    assert list(plan_run(config, store, list_shards(config.input)).members.values()) == [[str(folder / "img-5.png")]]
