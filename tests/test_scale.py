@@ -127,7 +127,8 @@ def test_image_folder_of_2500_files_is_3_shards_grouped_the_same_on_a_rerun(tmp_
     assert not later.resumed and list(later.members.values()) == [[str(folder / "later" / n) for n in ("a.png", "b.png")]]
 
 
-def test_image_folder_groups_go_to_parquet_and_an_incremental_run_skips_their_files(tmp_path):
+def _started_folder_run(tmp_path):
+    """An incremental image-folder run of 5 files in groups of 2, recorded: (folder, config, store, plan)."""
     folder, out = tmp_path / "images", tmp_path / "out"
     _folder(folder, [f"img-{i}.png" for i in range(5)])
     config = job_config(tmp_path / "model", str(folder), str(out),
@@ -136,7 +137,12 @@ def test_image_folder_groups_go_to_parquet_and_an_incremental_run_skips_their_fi
     store = OutputStore(str(out), StorageOptions())
     plan = plan_run(config, store, list_shards(config.input))
     store.upsert_run(plan.record, plan.members)
-    run_dir = out / "runs" / plan.run_id
+    return folder, config, store, plan
+
+
+def test_image_folder_groups_go_to_parquet_and_an_incremental_run_skips_their_files(tmp_path):
+    folder, config, store, plan = _started_folder_run(tmp_path)
+    run_dir = tmp_path / "out" / "runs" / plan.run_id
     groups = pq.read_table(run_dir / "_GROUPS.parquet").to_pydict()
     assert list(zip(groups["group"], groups["file"])) == [(g, f) for g, files in plan.members.items() for f in files]
     shard_list = (run_dir / "_SHARDS.json").read_text()
@@ -200,15 +206,8 @@ def test_a_root_written_before_groups_went_to_parquet_still_resumes_and_skips_co
     """Older runs list each group's files in ``_SHARDS.json``: sizes, members and covered files come from there."""
     import json
 
-    folder, out = tmp_path / "images", tmp_path / "out"
-    _folder(folder, [f"img-{i}.png" for i in range(5)])
-    config = job_config(tmp_path / "model", str(folder), str(out),
-                        input={"uri": str(folder), "format": "images", "files_per_shard": 2},
-                        output={"uri": str(out), "mode": "incremental"})
-    store = OutputStore(str(out), StorageOptions())
-    plan = plan_run(config, store, list_shards(config.input))
-    store.upsert_run(plan.record, plan.members)
-    run_dir = out / "runs" / plan.run_id
+    folder, config, store, plan = _started_folder_run(tmp_path)
+    run_dir = tmp_path / "out" / "runs" / plan.run_id
     (run_dir / "_GROUPS.parquet").unlink()
     (run_dir / "_SHARDS.json").write_text(json.dumps({"shards": list(plan.members), "groups": {
         s: {"files": files, "keysum": f"{keysum(files):016x}"} for s, files in plan.members.items()}}))
