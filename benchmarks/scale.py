@@ -21,7 +21,7 @@ and prints the size of each bookkeeping object.
 random tiny model, one task, one 1-thread actor per core as the README sizes a CPU job), SIGKILLs the driver once
 half of the rows are in committed part files, reruns the command to resume, and checks through the store that
 every (image, task) key is in the output exactly once. The driver's peak RSS is its own (VmHWM, polled), and the
-Ray processes each invocation left behind are stopped at the end (they carry the invocation's RAY_TMPDIR).
+Ray processes each invocation left behind are killed after it (they stay in the driver's session).
 """
 
 from __future__ import annotations
@@ -241,8 +241,11 @@ def _committed_rows(output: Path) -> int:
 
 
 def _invoke(command: list[str], env: dict[str, str], log: Path, output: Path, kill_at_rows: int | None = None) -> dict:
-    """Run the driver to its end (or SIGKILL it once ``kill_at_rows`` rows are committed): wall time, exit status,
-    and its peak RSS, polled from /proc while it runs."""
+    """Run the driver in a session of its own to its end (or SIGKILL it once ``kill_at_rows`` rows are committed):
+    wall time, exit status, its peak RSS (polled from /proc) and the processes of its Ray left behind, then killed
+    (they stay in its session: ``gpu.support.kill_session``)."""
+    from gpu.support import kill_session
+
     t0 = time.perf_counter()
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -254,44 +257,16 @@ def _invoke(command: list[str], env: dict[str, str], log: Path, output: Path, ki
             rows, next_probe = _committed_rows(output), time.monotonic() + 1.0
             if rows >= kill_at_rows:
                 os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
                 break
         time.sleep(0.1)
+    # The driver's session id stays taken while a process of the session lives, reaped leader or not.
+    left = kill_session(proc.pid)
+    proc.wait()
     if kill_at_rows is not None and proc.returncode != -signal.SIGKILL:
         raise SystemExit(f"the job ended (rc={proc.returncode}) before {kill_at_rows} rows were committed; see {log}")
-    result = {"wall_s": round(time.perf_counter() - t0, 1), "rc": proc.returncode, "driver_peak_rss_mb": round(peak, 1)}
+    result = {"wall_s": round(time.perf_counter() - t0, 1), "rc": proc.returncode, "driver_peak_rss_mb": round(peak, 1),
+              "ray_processes_left": left}
     return result | ({"rows_committed_at_kill": rows} if kill_at_rows is not None else {})
-
-
-def _holds_files_under(pid: int, folder: str) -> bool:
-    """Whether process ``pid`` has a file under ``folder`` open."""
-    links = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            links.append(os.readlink(fd))
-    return any(link.startswith(folder + "/") for link in links)
-
-
-def _stop_ray_of(temp_dir: str) -> list[str]:
-    """Stop the processes of the local Ray an invocation started; their names. They inherit its RAY_TMPDIR or keep
-    their logs in its session folder (a ``ray::`` process that renames itself can hide its environment)."""
-    import psutil
-
-    ours, names = [], []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if proc.environ().get("RAY_TMPDIR") == temp_dir or _holds_files_under(proc.pid, temp_dir):
-                ours.append(proc)
-                names.append(proc.name())
-    for proc in ours:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(ours, timeout=5)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-    return names
 
 
 def job(images: int, tars: int, workdir: Path) -> dict:
@@ -319,15 +294,11 @@ def job(images: int, tars: int, workdir: Path) -> dict:
     log.unlink(missing_ok=True)
     command = [str(Path(sys.executable).parent / "paligemma-batch"), "run", str(config_path)]
     rows = images * len(config.tasks)
-    temp_dirs = [tempfile.mkdtemp(prefix=f"pgb-scale-{i}-", dir="/tmp") for i in (1, 2)]  # short: Ray's sockets
-    try:
-        first = _invoke(command, {**os.environ, "RAY_TMPDIR": temp_dirs[0]}, log, output, kill_at_rows=rows // 2)
+    with tempfile.TemporaryDirectory(prefix="pgb-scale-1-", dir="/tmp") as first_tmp, \
+            tempfile.TemporaryDirectory(prefix="pgb-scale-2-", dir="/tmp") as second_tmp:  # short: Ray's sockets
+        first = _invoke(command, {**os.environ, "RAY_TMPDIR": first_tmp}, log, output, kill_at_rows=rows // 2)
         first["rows_committed_before_resume"] = _committed_rows(output)  # a writer may outlive the driver
-        second = _invoke(command, {**os.environ, "RAY_TMPDIR": temp_dirs[1]}, log, output)
-    finally:
-        leftovers = [_stop_ray_of(d) for d in temp_dirs]
-        for d in temp_dirs:
-            shutil.rmtree(d, ignore_errors=True)
+        second = _invoke(command, {**os.environ, "RAY_TMPDIR": second_tmp}, log, output)
     if second["rc"] != 0:
         raise SystemExit(f"the resumed job failed (rc={second['rc']}); see {log}")
     summary = json.loads((output / "_SUMMARY.json").read_text())
@@ -348,7 +319,7 @@ def job(images: int, tars: int, workdir: Path) -> dict:
         "attempts": record.attempts, "keys": len(got), "duplicate_rows": sum(n - 1 for n in got.values()),
         "missing_keys": len(expected - got.keys()), "unexpected_keys": len(got.keys() - expected),
         "exactly_once": got.keys() == expected and all(n == 1 for n in got.values()),
-        "ray_processes_left_by_each_invocation": leftovers, "machine": _common.machine(),
+        "machine": _common.machine(),
     }
 
 
