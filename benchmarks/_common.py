@@ -479,11 +479,10 @@ def requests_for(w: Workload, processor, images: int, grouped: bool = True):
     """One request per (image, prompt), as the inference stage builds them: each task its own kind and limit
     (``grouped=False``: one kind, the engine's limit, every task in one batch)."""
     from paligemma_batch.engines.transformers_engine import Request, prompt_ids
+    from paligemma_batch.prompts import PromptEncoder
     from paligemma_batch.tasks import max_new_tokens
 
-    def count(text: str) -> int:
-        return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-
+    count = PromptEncoder.from_folder(w.model_dir).count_tokens  # as the inference stage counts
     tasks = [task_config(t) for t in w.tasks]
     prompts = [(prompt_ids(processor, p), max_new_tokens(t, w.max_new_tokens, count) if grouped else None,
                 t.output_name if grouped else "") for t, p in zip(tasks, w.prompts)]
@@ -494,12 +493,13 @@ def engine_sweep(engine, w: Workload, pixels: list[np.ndarray], batch_sizes: lis
     """Engine-only images/s (decode excluded) for each number of images per ``generate`` call."""
     rows = []
     for bs in batch_sizes:
+        requests = requests_for(w, processor, bs)
         engine.generate(pixels[:bs], requests_for(w, processor, min(bs, len(pixels))))  # warm-up at this shape
         synchronize(w.device)
         t0 = time.perf_counter()
         done = 0
         for start in range(0, len(pixels) - bs + 1, bs):
-            engine.generate(pixels[start:start + bs], requests_for(w, processor, bs))
+            engine.generate(pixels[start:start + bs], requests)
             done += bs
         synchronize(w.device)
         seconds = time.perf_counter() - t0
